@@ -1,0 +1,214 @@
+"""The programmatic ShapesWorld judge: per turn IF, CC, GA, CU, binary and graded, with reasons.
+
+The output image is parsed and its objects are matched to the expected scene after the turn
+(Hungarian assignment on attribute disagreements). Then:
+
+- IF: the requested change happened to the right object. For single-object edits the
+  edited object must show every attribute the instruction asked for and keep the others
+  (attributes imposed only by a global rule are GA's business); `remove`: no trace of the
+  object (neither the object nor a faint residue where it was); `count`: exactly N copies,
+  at the convention's cells; `background`: the new background.
+- CC: nothing else changed, against the expected scene: every other object identical,
+  no extra object, the background kept, no unexplained residue. Graded CC is the preserved
+  fraction times a pixel term (share of free background that does not deviate), so it also
+  falls with low-amplitude leftovers and texture.
+- GA: where a global rule governs the turn, it holds (colour / fill of the edited object,
+  or the protected object untouched).
+- CU: on a pronoun turn, the object the pronoun denotes received the edit and no other
+  object did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+from ..session import CheckResult, GlobalConstraint, Turn, TurnVerdict
+from .parse import Detection, Parsed, parse
+from .render import object_mask
+from .scene import ATTRS, CELL_NAMES, Obj, Scene
+
+_UNMATCHED_COST = 3.5  # match an expected object only if at most 3 of its 5 attributes differ
+
+
+def _fmt(attr: str, val) -> str:
+    if attr == "cell":
+        return "off-grid" if val is None else CELL_NAMES[val]
+    return str(val)
+
+
+def diff_attrs(o: Obj, d: Detection) -> list[str]:
+    a = d.attrs()
+    return [k for k in ATTRS if getattr(o, k) != a[k]]
+
+
+def match(expected: Scene, parsed: Parsed) -> tuple[dict[int, Detection | None], list[Detection]]:
+    """expected object id -> detection (or None); plus the unmatched detections (extras)."""
+    objs, dets = list(expected.objects), parsed.objects
+    out: dict[int, Detection | None] = {o.id: None for o in objs}
+    if not objs or not dets:
+        return out, list(dets)
+    n, m = len(objs), len(dets)
+    cost = np.full((n, m + n), _UNMATCHED_COST)
+    for i, o in enumerate(objs):
+        for j, d in enumerate(dets):
+            cost[i, j] = len(diff_attrs(o, d))
+    rows, cols = linear_sum_assignment(cost)
+    used = set()
+    for i, j in zip(rows, cols):
+        if j < m and cost[i, j] < _UNMATCHED_COST:
+            out[objs[i].id] = dets[j]
+            used.add(j)
+    return out, [d for j, d in enumerate(dets) if j not in used]
+
+
+def _desc_det(d: Detection) -> str:
+    return f"{d.size or '?'} {d.color} {d.fill or '?'} {d.shape or 'blob'} at {_fmt('cell', d.cell)}"
+
+
+def _obj_report(o: Obj, d: Detection | None, attrs: list[str] | None = None) -> tuple[list[str], str]:
+    """(differing attributes among `attrs`, reason)."""
+    attrs = list(ATTRS) if attrs is None else attrs
+    if d is None:
+        return attrs, f"{o.describe()} not found"
+    diffs = [a for a in diff_attrs(o, d) if a in attrs]
+    if not diffs:
+        return [], ""
+    parts = ", ".join(f"{a} is {_fmt(a, d.attrs()[a])} (expected {_fmt(a, getattr(o, a))})" for a in diffs)
+    return diffs, f"{o.describe()}: {parts}"
+
+
+def _check(ok: bool, score: float, reason: str) -> CheckResult:
+    return CheckResult(status="pass" if ok else "fail", score=float(np.clip(score, 0.0, 1.0)), reason=reason)
+
+
+def judge_turn(image: np.ndarray, prev: Scene, nxt: Scene, turn: Turn, turn_index: int,
+               constraint: GlobalConstraint | None = None, session_id: str = "") -> TurnVerdict:
+    """Judge the output `image` of 1-based turn `turn_index` against the expected scenes."""
+    parsed = parse(image, nxt.canvas)
+    return judge_parsed(parsed, prev, nxt, turn, turn_index, constraint, session_id)
+
+
+def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index: int,
+                 constraint: GlobalConstraint | None = None, session_id: str = "") -> TurnVerdict:
+    t = turn.task_type
+    geom = nxt.geometry
+    matched, extras = match(nxt, parsed)
+    params = turn.params
+    rule_attrs = set(params.get("also", {}))
+    tid = int(turn.target["id"]) if turn.target is not None and "id" in turn.target else None
+
+    # which expected objects the instruction is about
+    if t == "count":
+        cat = prev.get(tid).category()
+        edited_ids = {o.id for o in nxt.objects if o.category() == cat}
+    elif t in ("background",):
+        edited_ids = set()
+    elif t == "remove":
+        edited_ids = set()
+    else:
+        edited_ids = {tid}
+
+    # residue blobs, and which belong to the removed/moved object's old place
+    old_fp = None
+    if t in ("remove", "position") and tid is not None and prev.has(tid):
+        old_fp = ndimage.binary_dilation(object_mask(prev.get(tid), geom), iterations=2)
+    residue_at_old = [r for r in parsed.residue if old_fp is not None and (r.mask & old_fp).any()]
+
+    # ------------------------------------------------------------------------ IF
+    if t == "background":
+        ok = parsed.background == nxt.background
+        IF = _check(ok, float(ok), "" if ok else f"background is {parsed.background}, expected {nxt.background}")
+    elif t == "remove":
+        o = prev.get(tid)
+        still = [d for d in extras if (d.color, d.shape) == (o.color, o.shape) or d.cell == o.cell]
+        if still:
+            IF = _check(False, 0.0, f"{o.describe()} still present ({_desc_det(still[0])})")
+        elif t == "remove" and residue_at_old:
+            IF = _check(False, 0.5, f"faint remnant of {o.describe()} left behind")
+        else:
+            IF = _check(True, 1.0, "")
+    elif t == "count":
+        want = sorted((o for o in nxt.objects if o.id in edited_ids), key=lambda o: o.cell)
+        cat = want[0].category()
+        got = [d for d in parsed.objects if (d.color, d.shape, d.size, d.fill) == cat]
+        bad = [o for o in want if _obj_report(o, matched[o.id])[0]]
+        ok = len(got) == len(want) and not bad
+        reason = ""
+        if len(got) != len(want):
+            reason = f"{len(got)} {cat[0]} {cat[1]}(s), expected {len(want)}"
+        elif bad:
+            reason = _obj_report(bad[0], matched[bad[0].id])[1]
+        score = 1.0 - abs(len(got) - len(want)) / max(len(got), len(want)) if ok is False else 1.0
+        if bad and len(got) == len(want):
+            score = 1.0 - len(bad) / len(want) * 0.5
+        IF = _check(ok, score, reason)
+    else:  # add, replace, color, material, size, position
+        o = nxt.get(tid)
+        asked = [a for a in ATTRS if a not in rule_attrs or a == _requested_attr(t)]
+        diffs, reason = _obj_report(o, matched[o.id], asked)
+        IF = _check(not diffs, 1.0 - len(diffs) / len(asked), reason)
+
+    # ------------------------------------------------------------------------ CC
+    others = [o for o in nxt.objects if o.id not in edited_ids]
+    problems: list[str] = []
+    kept = 0
+    for o in others:
+        diffs, reason = _obj_report(o, matched[o.id])
+        if diffs:
+            problems.append(reason)
+        else:
+            kept += 1
+    if t == "remove":
+        o = prev.get(tid)
+        extras_cc = [d for d in extras if not ((d.color, d.shape) == (o.color, o.shape) or d.cell == o.cell)]
+    else:
+        extras_cc = list(extras)
+    for d in extras_cc:
+        problems.append(f"unexpected {_desc_det(d)}")
+    bg_ok = True
+    if t != "background" and parsed.background != nxt.background:
+        bg_ok = False
+        problems.append(f"background is {parsed.background}, expected {nxt.background}")
+    residue_cc = [r for r in parsed.residue if not (t == "remove" and r in residue_at_old)]
+    for r in residue_cc:
+        problems.append(f"unexplained residue at {_fmt('cell', r.cell)}")
+    denom = len(others) + 1 + len(extras_cc) + len(residue_cc)
+    graded = (kept + bg_ok) / denom * (1.0 - parsed.texture_fraction)
+    CC = _check(not problems, graded, "; ".join(problems))
+
+    # ------------------------------------------------------------------------ GA
+    GA = CheckResult()
+    if constraint is not None and turn_index >= constraint.from_turn:
+        if constraint.kind == "protect":
+            pid = int(constraint.value["id"]) if isinstance(constraint.value, dict) else None
+            if pid is not None and nxt.has(pid):
+                p = nxt.get(pid)
+                diffs, reason = _obj_report(p, matched[p.id])
+                GA = _check(not diffs, 1.0 - len(diffs) / len(ATTRS),
+                            f"protected {reason}" if diffs else "")
+        elif params.get("governed") and rule_attrs and tid is not None and nxt.has(tid):
+            o = nxt.get(tid)
+            diffs, reason = _obj_report(o, matched[o.id], sorted(rule_attrs))
+            GA = _check(not diffs, 1.0 - len(diffs) / len(rule_attrs),
+                        f"rule '{constraint.text}' broken: {reason}" if diffs else "")
+
+    # ------------------------------------------------------------------------ CU
+    CU = CheckResult()
+    if turn.pronoun:
+        referent_ok = IF.status == "pass"
+        changed_others = [o for o in others if _obj_report(o, matched[o.id])[0]]
+        ok = referent_ok and not changed_others
+        reason = ""
+        if changed_others:
+            reason = f"edited {changed_others[0].describe()} instead of / besides 'it'"
+        elif not referent_ok:
+            reason = f"'it' not edited: {IF.reason}"
+        CU = _check(ok, 0.5 * referent_ok + 0.5 * (not changed_others), reason)
+
+    return TurnVerdict(session_id=session_id, turn=turn_index, IF=IF, CC=CC, GA=GA, CU=CU)
+
+
+def _requested_attr(t: str) -> str | None:
+    return {"replace": "shape", "color": "color", "material": "fill", "size": "size", "position": "cell"}.get(t)
