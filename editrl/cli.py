@@ -149,6 +149,103 @@ def convert_cmd(
     emit(summary)
 
 
+# ------------------------------------------------------------------------------ edit
+
+@app.command("edit")
+def edit_cmd(
+    instructions: list[str] = typer.Argument(None, help="one instruction per turn"),
+    editor: str = typer.Option("tiny", "--editor", help="tiny | tiny:PATH"),
+    image: Optional[Path] = typer.Option(None, "--image", help="input image (PNG)"),
+    session: Optional[str] = typer.Option(None, "--session", help="replay a ShapesWorld session: FILE.jsonl#ID (or FILE.jsonl for the first)"),
+    out: Path = typer.Option(..., "--out"),
+    mode: str = typer.Option("explicit", "--mode", help="explicit | in_context"),
+    steps: int = typer.Option(10, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Run one session: each turn edits the previous turn's output. Writes turn_<k>.png and turns.json."""
+    import torch
+
+    from .editors import load_editor
+    from .session import atomic_write_text, read_sessions, resolve_image
+    from .world.io import atomic_write_bytes, png_bytes
+    from .world.render import load_png
+
+    _positive("steps", steps)
+    sess = None
+    if session:
+        file, _, sid = session.partition("#")
+        sessions = read_sessions(file, check_images=True)
+        sess = next((s for s in sessions if s.id == sid), None) if sid else sessions[0]
+        if sess is None:
+            raise EditrlInputError(f"{file}: no session with id {sid!r}")
+        if instructions:
+            raise EditrlInputError("give either instructions or --session, not both")
+        image = resolve_image(file, sess.source_image)
+        texts = [t.explicit if (mode == "explicit" and t.explicit) else t.instruction for t in sess.turns]
+        raw = [t.instruction for t in sess.turns]
+    else:
+        if image is None or not instructions:
+            raise EditrlInputError("give --image and at least one instruction (or --session FILE.jsonl#ID)")
+        texts = raw = list(instructions)
+    if not Path(image).is_file():
+        raise EditrlInputError(f"--image {image}: file not found")
+    try:
+        img = load_png(image)
+    except Exception as e:
+        raise EditrlInputError(f"--image {image}: not a readable image ({e})") from None
+    ed = load_editor(editor, mode=mode)
+    canvas = getattr(getattr(ed, "cfg", None), "canvas", None)
+    if canvas and img.shape[:2] != (canvas, canvas):
+        raise EditrlInputError(f"--image {image}: the editor edits {canvas}x{canvas} images, got {img.shape[1]}x{img.shape[0]}")
+    gen = torch.Generator().manual_seed(seed)
+    atomic_write_bytes(out / "turn_0.png", png_bytes(img))
+    rows = []
+    scenes = None
+    if sess is not None and sess.source_scene is not None:
+        from .world.grammar import session_scenes
+        from .world.verify import judge_turn
+        scenes = session_scenes(sess)
+    for k, text in enumerate(texts, start=1):
+        img = ed.edit([img], [text], [raw[: k - 1]], generator=gen, steps=steps)[0]
+        atomic_write_bytes(out / f"turn_{k}.png", png_bytes(img))
+        row: dict[str, Any] = {"turn": k, "instruction": raw[k - 1], "used": text, "image": f"turn_{k}.png"}
+        if scenes is not None:
+            v = judge_turn(img, scenes[k - 1], scenes[k], sess.turns[k - 1], k, sess.global_constraint, sess.id)
+            row["verdict"] = {c: (r.status, r.reason) for c, r in v.checks().items() if r.status}
+            row["success"] = v.success
+        rows.append(row)
+        err.print(f"turn {k}: {text}" + (f"  -> {'pass' if row.get('success') else 'FAIL'}" if "success" in row else ""))
+    summary = {"editor": editor, "mode": mode, "steps": steps, "seed": seed, "out": str(out), "turns": rows}
+    atomic_write_text(out / "turns.json", json.dumps(summary, indent=2) + "\n")
+    emit(summary)
+
+
+# -------------------------------------------------------------------------- pretrain
+
+@app.command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def pretrain_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="run folder (resumes if it holds a run)"),
+    config: Optional[str] = typer.Option(None, "--config", help="preset name (editrl/configs) or YAML path"),
+) -> None:
+    """Supervised flow-matching pretraining of the tiny editor; key=value arguments override the config."""
+    from .config import load_config, to_dict
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = load_config(PretrainConfig, config, list(ctx.args))
+    err.print(f"pretraining the tiny editor -> {out}  ({json.dumps({k: v for k, v in to_dict(cfg).items() if k != 'model'})})")
+    with _progress() as prog:
+        task = prog.add_task("pretraining", total=cfg.max_steps)
+
+        def on_progress(step: int, total: int, row: dict) -> None:
+            prog.update(task, completed=step, description=f"pretraining loss {row['loss']:.4f}")
+            if any(k.startswith("eval/") for k in row):
+                err.print({k: round(v, 3) for k, v in row.items() if k.startswith("eval/")})
+
+        summary = pretrain(cfg, out, log=lambda m: err.print(m), progress=on_progress)
+    emit(summary)
+
+
 # ------------------------------------------------------------------------------ demo
 
 @app.command("demo")

@@ -1,0 +1,378 @@
+"""The built-in tiny flow-matching editor for ShapesWorld (pixel space, CPU-sized).
+
+- Input: x_σ and the source image, each [3, 64, 64], concatenated and folded by
+  pixel-unshuffle(4) into [96, 16, 16] (the net works at 16x16, 16x cheaper than full
+  resolution); the output velocity is unfolded back by pixel-shuffle.
+- Text: a word-level tokenizer over the ShapesWorld vocabulary (an unknown word is a clear
+  error) and a 2-layer transformer encoder; the UNet reads it by cross-attention and a
+  pooled FiLM vector added to the σ embedding.
+- Two conditioning modes, chosen per call: `explicit` (the instruction alone) and
+  `in_context` (the session's previous instructions and the current one joined by <sep>,
+  truncated from the left to `max_tokens`): the baseline that intent reconstruction is
+  measured against.
+
+Weights are stored as safetensors with the config in the metadata; pickle checkpoints are
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..session import EditrlInputError
+from .base import FlowEditor
+
+# Every word the ShapesWorld grammar emits (tests check the grammar against this list).
+WORDS = (
+    ",", ".", "1", "2", "3", "[", "]", "a", "add", "and", "as", "at", "away", "background", "be",
+    "bigger", "black", "blue", "bottom", "center", "change", "circle", "circles", "color", "column",
+    "count", "cyan", "delete", "diamond", "diamonds", "draw", "duplicate", "enlarge", "every",
+    "everything", "exactly", "fill", "for", "from", "gray", "green", "happens", "hollow", "in", "into",
+    "is", "it", "its", "keep", "large", "leave", "left", "make", "middle", "move", "must", "never",
+    "now", "number", "object", "of", "on", "one", "only", "or", "out", "paint", "purple", "put",
+    "recolor", "red", "remove", "replace", "resize", "rest", "right", "row", "session", "shrink",
+    "small", "smaller", "solid", "square", "squares", "take", "the", "there", "this", "three", "to",
+    "top", "touch", "triangle", "triangles", "turn", "two", "unchanged", "use", "whatever", "white",
+    "with", "yellow", "you",
+)
+SPECIALS = ("<pad>", "<sep>", "<cur>")
+MODES = ("explicit", "in_context")
+_TOKEN_RE = re.compile(r"[a-z]+|\d+|[\[\].,']|\S")
+
+
+class Tokenizer:
+    def __init__(self, words: Sequence[str] = WORDS) -> None:
+        self.itos = list(SPECIALS) + list(words)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.pad, self.sep, self.cur = 0, 1, 2
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def words(self, text: str) -> list[str]:
+        return _TOKEN_RE.findall(text.lower())
+
+    def ids(self, text: str) -> list[int]:
+        out = []
+        for w in self.words(text):
+            i = self.stoi.get(w)
+            if i is None:
+                raise EditrlInputError(f"the tiny editor does not know the word {w!r} in {text!r} "
+                                       f"(it reads only the ShapesWorld vocabulary)")
+            out.append(i)
+        return out
+
+    def encode(self, instruction: str, context: Sequence[str] | None, max_tokens: int) -> list[int]:
+        """explicit: [<cur>, instruction]; in-context: [h1, <sep>, h2, <sep>, <cur>, instruction],
+        keeping the most recent `max_tokens` tokens."""
+        ids = [self.cur] + self.ids(instruction)
+        if context:
+            hist: list[int] = []
+            for h in context:
+                hist += self.ids(h) + [self.sep]
+            ids = hist + ids
+        return ids[-max_tokens:]
+
+    def batch(self, instructions: Sequence[str], contexts: Sequence[Sequence[str]] | None,
+              max_tokens: int) -> tuple[Tensor, Tensor]:
+        seqs = [self.encode(ins, contexts[i] if contexts else None, max_tokens) for i, ins in enumerate(instructions)]
+        L = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), L, dtype=torch.long)                           # [B, L]
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        return ids, ids != self.pad                                                  # [B, L], [B, L]
+
+
+@dataclass
+class TinyConfig:
+    canvas: int = 64
+    fold: int = 4                          # pixel-unshuffle factor
+    channels: tuple[int, ...] = (32, 64, 128)   # at 16x16, 8x8, 4x4
+    blocks: tuple[int, ...] = (1, 1, 2)         # residual blocks per level on the way down
+    text_dim: int = 128
+    text_layers: int = 2
+    heads: int = 4
+    max_tokens: int = 96
+    vocab: tuple[str, ...] = WORDS
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        d["blocks"] = list(self.blocks)
+        d["vocab"] = list(self.vocab)
+        return json.dumps(d)
+
+    @staticmethod
+    def from_json(s: str) -> "TinyConfig":
+        d = json.loads(s)
+        d["channels"] = tuple(d["channels"])
+        d["blocks"] = tuple(d["blocks"])
+        d["vocab"] = tuple(d["vocab"])
+        return TinyConfig(**d)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb: int) -> None:
+        super().__init__()
+        self.n1, self.c1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(emb, 2 * cout)
+        self.n2, self.c2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.c2.weight)
+        nn.init.zeros_(self.c2.bias)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        h = self.c1(F.silu(self.n1(x)))                                               # [B, C, H, W]
+        scale, shift = self.film(e)[:, :, None, None].chunk(2, 1)
+        h = self.n2(h) * (1 + scale) + shift
+        return self.skip(x) + self.c2(F.silu(h))
+
+
+class Attention(nn.Module):
+    """Self-attention over positions plus cross-attention to the text tokens."""
+
+    def __init__(self, c: int, text_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.n1 = nn.GroupNorm(8, c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.o1 = nn.Linear(c, c)
+        self.n2 = nn.LayerNorm(c)
+        self.q2 = nn.Linear(c, c)
+        self.kv2 = nn.Linear(text_dim, 2 * c)
+        self.o2 = nn.Linear(c, c)
+        for o in (self.o1, self.o2):
+            nn.init.zeros_(o.weight)
+            nn.init.zeros_(o.bias)
+
+    def _split(self, t: Tensor) -> Tensor:
+        B, N, C = t.shape
+        return t.view(B, N, self.heads, C // self.heads).transpose(1, 2)            # [B, h, N, d]
+
+    def text_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv2(text).chunk(2, -1)
+        return self._split(k), self._split(v)                                         # [B, h, L, d] x2
+
+    def forward(self, x: Tensor, text: Tensor | tuple[Tensor, Tensor], text_mask: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.n1(x).flatten(2).transpose(1, 2)                                     # [B, HW, C]
+        q, k, v = self.qkv(h).chunk(3, -1)
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        t = x.flatten(2).transpose(1, 2) + self.o1(a.transpose(1, 2).reshape(B, H * W, C))
+        q = self._split(self.q2(self.n2(t)))
+        k, v = text if isinstance(text, tuple) else self.text_kv(text)
+        m = text_mask[:, None, None, :]                                               # [B, 1, 1, L]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        t = t + self.o2(a.transpose(1, 2).reshape(B, H * W, C))
+        return t.transpose(1, 2).reshape(B, C, H, W)
+
+
+def sigma_embedding(sigma: Tensor, dim: int) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+    a = sigma.float()[:, None] * 1000.0 * freqs[None]                                # [B, half]
+    return torch.cat([a.sin(), a.cos()], -1)                                          # [B, dim]
+
+
+class TinyEditNet(nn.Module):
+    """A lean 3-level UNet at 16x16 / 8x8 / 4x4 (after pixel-unshuffle), most capacity at 4x4.
+
+    Per level on the way down: `blocks[i]` residual blocks (cross-attention to the text after
+    each one at 8x8 and 4x4), one skip kept; on the way up: upsample, concatenate the
+    skip, one residual block per level (+ attention at 8x8).
+    """
+
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        f, ch, td = cfg.fold, cfg.channels, cfg.text_dim
+        if len(ch) != 3 or len(cfg.blocks) != 3:
+            raise ValueError("the tiny editor has exactly 3 levels: channels and blocks need 3 entries")
+        emb = 4 * ch[0]
+        self.tok = nn.Embedding(len(SPECIALS) + len(cfg.vocab), td)
+        self.pos = nn.Parameter(torch.randn(cfg.max_tokens, td) * 0.02)
+        layer = nn.TransformerEncoderLayer(td, cfg.heads, 4 * td, dropout=0.0, batch_first=True, norm_first=True)
+        self.text = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.text_norm = nn.LayerNorm(td)
+        self.t_mlp = nn.Sequential(nn.Linear(ch[0], emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.p_mlp = nn.Sequential(nn.Linear(td, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.stem = nn.Conv2d(2 * 3 * f * f, ch[0], 1)
+        self.down = nn.ModuleList(
+            nn.ModuleList(ResBlock(ch[i], ch[i], emb) for _ in range(cfg.blocks[i])) for i in range(3))
+        self.down_attn = nn.ModuleList(
+            nn.ModuleList(Attention(ch[i], td, cfg.heads) for _ in range(cfg.blocks[i] if i > 0 else 0)) for i in range(3))
+        self.downsample = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1) for i in range(2))
+        self.mid, self.mid_attn = ResBlock(ch[2], ch[2], emb), Attention(ch[2], td, cfg.heads)
+        self.upconv = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 1) for i in range(2))
+        self.up = nn.ModuleList(ResBlock(ch[i], ch[i], emb) for i in range(2))
+        self.up_attn = Attention(ch[1], td, cfg.heads)
+        self.out_norm = nn.GroupNorm(8, ch[0])
+        self.out = nn.Conv2d(ch[0], 3 * f * f, 1)
+        self.attns = [m for m in self.modules() if isinstance(m, Attention)]
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def encode_text(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.tok(ids) + self.pos[: ids.shape[1]]                                  # [B, L, D]
+        h = self.text(h, src_key_padding_mask=~mask)
+        h = self.text_norm(h)
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [B, D]
+        return h, pooled
+
+    def text_cache(self, text: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every attention module's text keys/values, computed once per edit, not per step."""
+        return {id(m): m.text_kv(text) for m in self.attns}
+
+    def forward(self, x: Tensor, sigma: Tensor, source: Tensor, text: Tensor | dict, text_mask: Tensor,
+                pooled: Tensor) -> Tensor:
+        f = self.cfg.fold
+        cache = text if isinstance(text, dict) else self.text_cache(text)
+        e = self.t_mlp(sigma_embedding(sigma, self.cfg.channels[0])) + self.p_mlp(pooled)   # [B, E]
+        h = self.stem(F.pixel_unshuffle(torch.cat([x, source], 1), f))                 # [B, C0, 16, 16]
+        skips = []
+        for i in range(3):
+            for j, block in enumerate(self.down[i]):
+                h = block(h, e)
+                if i > 0:
+                    h = self.down_attn[i][j](h, cache[id(self.down_attn[i][j])], text_mask)
+            if i < 2:
+                skips.append(h)
+                h = self.downsample[i](h)                                             # [B, C_{i+1}, H/2, W/2]
+        h = self.mid_attn(self.mid(h, e), cache[id(self.mid_attn)], text_mask)                            # [B, C2, 4, 4]
+        for i in (1, 0):
+            h = self.upconv[i](F.interpolate(h, scale_factor=2, mode="nearest"))
+            h = self.up[i](h + skips.pop(), e)
+            if i == 1:
+                h = self.up_attn(h, cache[id(self.up_attn)], text_mask)
+        return F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), f)                 # [B, 3, 64, 64]
+
+
+@dataclass
+class TinyCond:
+    source: Tensor      # [B, 3, H, W] in [-1, 1]
+    text: Tensor        # [B, L, D]
+    text_mask: Tensor   # [B, L]
+    pooled: Tensor      # [B, D]
+    kv: dict = field(default_factory=dict)  # per attention module: text keys/values [B, h, L, d]
+
+    def repeat(self, n: int) -> "TinyCond":
+        return TinyCond(self.source.repeat_interleave(n, 0), self.text.repeat_interleave(n, 0),
+                        self.text_mask.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0),
+                        {k: (a.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for k, (a, b) in self.kv.items()})
+
+
+class TinyEditor(FlowEditor):
+    name = "tiny"
+    default_steps = 10
+
+    def __init__(self, cfg: TinyConfig | None = None, mode: str = "explicit", net: TinyEditNet | None = None) -> None:
+        if mode not in MODES:
+            raise EditrlInputError(f"unknown conditioning mode {mode!r} (expected one of {', '.join(MODES)})")
+        self.cfg = cfg or TinyConfig()
+        self.net = net if net is not None else TinyEditNet(self.cfg)
+        self.net.eval()
+        self.mode = mode
+        self.tokenizer = Tokenizer(self.cfg.vocab)
+
+    # -- conditioning -------------------------------------------------------------------
+    def tokenize(self, instructions: Sequence[str], contexts: Sequence[Sequence[str]] | None) -> tuple[Tensor, Tensor]:
+        ctx = contexts if self.mode == "in_context" else None
+        return self.tokenizer.batch(instructions, ctx, self.cfg.max_tokens)
+
+    def encode(self, images: Tensor, instructions: Sequence[str],
+               contexts: Sequence[Sequence[str]] | None = None) -> TinyCond:
+        ids, mask = self.tokenize(instructions, contexts)
+        return self.encode_tokens(images, ids, mask)
+
+    def encode_tokens(self, images: Tensor, ids: Tensor, mask: Tensor) -> TinyCond:
+        text, pooled = self.net.encode_text(ids.to(self.device), mask.to(self.device))
+        return TinyCond(images.to(self.device), text, mask.to(self.device), pooled, self.net.text_cache(text))
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: TinyCond) -> Tensor:
+        return self.net(x, sigma, cond.source, cond.kv or cond.text, cond.text_mask, cond.pooled)
+
+    def latent_shape(self, cond: TinyCond) -> tuple[int, ...]:
+        return tuple(cond.source.shape)
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return self.net.parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # -- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+
+    def save(self, path: str | Path, extra_meta: dict[str, str] | None = None) -> None:
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"editrl": "tiny", "config": self.cfg.to_json(), **(extra_meta or {})}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.state_dict(), tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path, mode: str = "explicit") -> "TinyEditor":
+        path = resolve_checkpoint(path)
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise EditrlInputError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("editrl") != "tiny" or "config" not in meta:
+            raise EditrlInputError(f"{path}: not a tiny-editor checkpoint (no editrl metadata)")
+        cfg = TinyConfig.from_json(meta["config"])
+        net = TinyEditNet(cfg)
+        missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
+        if missing or unexpected:
+            raise EditrlInputError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return cls(cfg, mode=mode, net=net)
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "tiny_editor.safetensors"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A file, or a folder holding `model.safetensors`. Pickle formats are refused."""
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise EditrlInputError(f"{p}: refusing a pickle checkpoint; editrl loads weights only from safetensors")
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise EditrlInputError(f"{p}: checkpoint not found")
+    return p
+
+
+def load_tiny(spec: str | None = None, mode: str = "explicit") -> TinyEditor:
+    """`tiny` (the shipped checkpoint) or `tiny:PATH`."""
+    if spec in (None, "", "tiny"):
+        if not SHIPPED.is_file():
+            raise EditrlInputError(f"the shipped tiny-editor checkpoint is missing ({SHIPPED})")
+        return TinyEditor.load(SHIPPED, mode=mode)
+    if spec.startswith("tiny:"):
+        return TinyEditor.load(spec[len("tiny:"):], mode=mode)
+    return TinyEditor.load(spec, mode=mode)

@@ -1,0 +1,213 @@
+"""The tiny editor, its sampler, configs, checkpoints and the pretraining recipe (all tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from editrl.config import load_config, parse_overrides  # noqa: E402
+from editrl.editors.base import images_to_tensor, tensor_to_images  # noqa: E402
+from editrl.editors.tiny import WORDS, TinyConfig, TinyEditor, Tokenizer, load_tiny  # noqa: E402
+from editrl.pretrain import PretrainConfig, flow_matching_loss, make_batch, pretrain  # noqa: E402
+from editrl.session import EditrlInputError  # noqa: E402
+from editrl.world.grammar import GrammarConfig, sample_session, session_scenes  # noqa: E402
+from editrl.world.render import render  # noqa: E402
+
+SMALL = TinyConfig(channels=(16, 32, 32), blocks=(1, 1, 1), text_dim=32, text_layers=1, heads=2)
+
+
+def small_editor(mode: str = "explicit", seed: int = 0) -> TinyEditor:
+    torch.manual_seed(seed)
+    ed = TinyEditor(SMALL, mode=mode)
+    # the output layer starts at zero; give it weights so velocities depend on the input
+    torch.nn.init.normal_(ed.net.out.weight, std=0.02)
+    return ed
+
+
+def test_grammar_words_are_all_in_the_vocabulary():
+    tok = Tokenizer()
+    for cs in (0.0, 1.0):
+        for i in range(400):
+            s = sample_session(5, i, GrammarConfig(turns=5, constraint_share=cs))
+            for t in s.turns:
+                tok.ids(t.instruction)
+                tok.ids(t.explicit)
+
+
+def test_unknown_word_is_a_clear_error():
+    with pytest.raises(EditrlInputError, match="does not know the word 'pink'"):
+        Tokenizer().ids("Make it pink")
+
+
+def test_in_context_keeps_the_most_recent_tokens():
+    tok = Tokenizer()
+    hist = ["Make the red circle blue"] * 30
+    ids = tok.encode("Remove it", hist, max_tokens=20)
+    assert len(ids) == 20
+    assert ids[-3:] == [tok.cur] + tok.ids("Remove it")
+
+
+def test_image_tensor_round_trip():
+    s = sample_session(0, 0)
+    img = render(session_scenes(s)[0])
+    x = images_to_tensor([img, img])
+    assert x.shape == (2, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(tensor_to_images(x)[0], img)
+
+
+def test_edit_modes_and_shapes():
+    ed = small_editor()
+    s = sample_session(1, 2, GrammarConfig(turns=2))
+    img = render(session_scenes(s)[0])
+    out = ed.edit([img, img], [s.turns[0].explicit, s.turns[1].explicit], steps=3,
+                  generator=torch.Generator().manual_seed(0))
+    assert len(out) == 2 and out[0].shape == (64, 64, 3) and out[0].dtype == np.uint8
+    ed_ic = small_editor("in_context")
+    out2 = ed_ic.edit([img], [s.turns[1].instruction], [[s.turns[0].instruction]], steps=3)
+    assert out2[0].shape == (64, 64, 3)
+    with pytest.raises(EditrlInputError):
+        TinyEditor(SMALL, mode="sideways")
+
+
+def test_same_generator_same_output_and_ode_matches_sde_at_zero_noise():
+    ed = small_editor()
+    cond = ed.encode(torch.zeros(2, 3, 64, 64), ["Add [small red solid circle] at [center]"] * 2)
+    a = ed.sample(cond, 4, generator=torch.Generator().manual_seed(3)).x0
+    b = ed.sample(cond, 4, generator=torch.Generator().manual_seed(3)).x0
+    assert torch.equal(a, b)
+    c = ed.sample(cond, 4, solver="sde", noise_level=0.0, generator=torch.Generator().manual_seed(3)).x0
+    assert torch.allclose(a, c, atol=0, rtol=0)
+
+
+def test_sde_transitions_recompute_on_policy_ratio_one():
+    from editrl.sampling import sde_step_with_logprob
+
+    ed = small_editor()
+    cond = ed.encode(torch.zeros(3, 3, 64, 64), ["Remove [red circle at center]"] * 3)
+    res = ed.sample(cond, 5, solver="sde", window=2, generator=torch.Generator().manual_seed(0),
+                    return_transitions=True)
+    tr = res.transitions
+    assert tr.x.shape[:2] == (3, tr.log_prob.shape[1])
+    assert tr.in_window.sum(1).tolist() == [2, 2, 2]
+    sig = ed.sigmas(5)
+    for j in range(tr.step.shape[1]):
+        i = int(tr.step[0, j])
+        v = ed.velocity(tr.x[:, j], tr.sigma[:, j], cond)
+        st = sde_step_with_logprob(tr.x[:, j], v, sig[i], sig[i + 1], noise_level=0.7,
+                                   prev_sample=tr.x_next[:, j], sigma_max_fallback=sig[1])
+        win = tr.in_window[:, j]
+        ratio = torch.exp(st.log_prob - tr.log_prob[:, j])
+        assert torch.equal(ratio[win], torch.ones_like(ratio[win]))
+
+
+def test_windows_differ_between_samples_and_calls():
+    ed = small_editor()
+    cond = ed.encode(torch.zeros(16, 3, 64, 64), ["Remove [red circle at center]"] * 16)
+    gen = torch.Generator().manual_seed(0)
+    r1 = ed.sample(cond, 6, solver="sde", window=2, generator=gen, return_transitions=True)
+    r2 = ed.sample(cond, 6, solver="sde", window=2, generator=gen, return_transitions=True)
+    first = lambda r: (r.transitions.in_window.float().argmax(1) + r.transitions.step[0, 0]).tolist()  # noqa: E731
+    assert len(set(first(r1))) > 1
+    assert first(r1) != first(r2)
+
+
+def test_save_load_round_trip_and_pickle_refused(tmp_path):
+    ed = small_editor()
+    ed.save(tmp_path / "m.safetensors")
+    back = TinyEditor.load(tmp_path / "m.safetensors")
+    for (k, a), (_, b) in zip(ed.net.state_dict().items(), back.net.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert back.cfg == SMALL
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes())
+    assert isinstance(load_tiny(f"tiny:{tmp_path}"), TinyEditor)
+    for bad in ("x.pt", "x.ckpt", "x.bin"):
+        with pytest.raises(EditrlInputError, match="pickle"):
+            TinyEditor.load(tmp_path / bad)
+    with pytest.raises(EditrlInputError, match="not found"):
+        TinyEditor.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(EditrlInputError):
+        TinyEditor.load(tmp_path / "junk.safetensors")
+
+
+def test_config_overrides_and_errors():
+    cfg = load_config(PretrainConfig, "tiny-smoke", ["lr=3e-4", "model.channels=[8,16,16]", "max_steps=5"])
+    assert cfg.lr == 3e-4 and cfg.model.channels == (8, 16, 16) and cfg.max_steps == 5
+    assert parse_overrides(["a.b=1"]) == {"a": {"b": "1"}}
+    with pytest.raises(EditrlInputError, match="unknown config key 'lrr'"):
+        load_config(PretrainConfig, None, ["lrr=1"])
+    with pytest.raises(EditrlInputError, match="unknown config key 'model.width'"):
+        load_config(PretrainConfig, None, ["model.width=3"])
+    with pytest.raises(EditrlInputError, match="expected an integer"):
+        load_config(PretrainConfig, None, ["max_steps=ten"])
+    with pytest.raises(EditrlInputError, match="not found"):
+        load_config(PretrainConfig, "no-such-preset")
+    with pytest.raises(EditrlInputError, match="must be in"):
+        load_config(PretrainConfig, None, ["degrade_prob=2"])
+    with pytest.raises(EditrlInputError, match="key=value"):
+        load_config(PretrainConfig, None, ["lr"])
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    cfg = load_config(PretrainConfig, "tiny-smoke")
+    tok = Tokenizer()
+    a, b, c = make_batch(cfg, 7, tok), make_batch(cfg, 7, tok), make_batch(cfg, 8, tok)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["target"], c["target"])
+
+
+def test_flow_matching_loss_gradient_reduces_loss():
+    cfg = load_config(PretrainConfig, "tiny-smoke", ["batch_size=8"])
+    ed = small_editor()
+    ed.net.train()
+    batch = make_batch(cfg, 0, Tokenizer())
+    opt = torch.optim.SGD(ed.net.parameters(), lr=0.05)
+    l0 = flow_matching_loss(ed, batch, torch.Generator().manual_seed(0), cfg)
+    opt.zero_grad()
+    l0.backward()
+    opt.step()
+    l1 = flow_matching_loss(ed, batch, torch.Generator().manual_seed(0), cfg)
+    assert l1.item() < l0.item()
+
+
+def test_pretrain_smoke_and_exact_resume(tmp_path):
+    cfg = load_config(PretrainConfig, "tiny-smoke", ["max_steps=4"])
+    full = pretrain(cfg, tmp_path / "full", log=lambda m: None)
+    assert full["steps"] == 4
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # stopped after 2 steps (as a kill after a checkpoint would), then resumed to 4
+    run = tmp_path / "resumed"
+    pretrain(cfg, run, log=lambda m: None, stop_at=2)
+    pretrain(cfg, run, log=lambda m: None)
+    a = TinyEditor.load(tmp_path / "full" / "model.safetensors").net.state_dict()
+    b = TinyEditor.load(run / "model.safetensors").net.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # a different config in the same folder is refused, not silently mixed
+    with pytest.raises(EditrlInputError, match="different config"):
+        pretrain(load_config(PretrainConfig, "tiny-smoke", ["max_steps=4", "lr=1e-3"]), run, log=lambda m: None)
+
+
+def test_pretrain_cli_smoke(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "editrl.cli", "pretrain", "--config", "tiny-smoke", "--out",
+                        str(tmp_path / "run"), "max_steps=2"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    r = subprocess.run([sys.executable, "-m", "editrl.cli", "pretrain", "--out", str(tmp_path / "x"), "bogus=1"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
