@@ -62,6 +62,8 @@ def world_sample(
     from .world.io import write_world
 
     _positive("sessions", sessions)
+    if out.exists() and not out.is_dir():
+        raise EditrlInputError(f"--out {out} exists and is not a folder")
     try:
         cfg = GrammarConfig(turns=turns, constraint_share=constraint_share, pronoun_prob=pronoun_prob,
                             min_objects=min_objects, max_objects=max_objects)
@@ -288,11 +290,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (typer.Exit,) as e:
         sys.exit(e.exit_code)
+    except (NotADirectoryError, IsADirectoryError, PermissionError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] cannot use {e.filename or 'a path'}: {e.strerror}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
     except Exception as e:  # usage errors from the (vendored) click parser, then real failures
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            if not e.format_message():  # no arguments: the help was printed
+                sys.exit(e.exit_code)
             hint = ""
             ctx = getattr(e, "ctx", None)
             if ctx is not None:

@@ -37,7 +37,7 @@ class EditrlInputError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, strict=True)
 
 
 class GlobalConstraint(_Model):
@@ -159,11 +159,15 @@ def read_sessions(path: str | os.PathLike, check_images: bool = False,
         raise EditrlInputError(f"{path}: no such file")
     sessions: list[Session] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            where = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise EditrlInputError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{i}"
             s = parse_session(line, where)
             if s.id in seen:
                 raise EditrlInputError(f"{where}: field 'id': duplicate session id {s.id!r} (first on line {seen[s.id]})")

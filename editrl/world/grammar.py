@@ -151,8 +151,23 @@ def _choice(rng: np.random.Generator, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
-def _unique_after(scene: Scene) -> bool:
-    return scene.pairs_unique_except_categories()
+def _pair_counts(scene: Scene) -> dict[tuple[str, str], int]:
+    seen: dict[tuple[str, str], int] = {}
+    for o in scene.objects:
+        seen[(o.color, o.shape)] = seen.get((o.color, o.shape), 0) + 1
+    return seen
+
+
+def _unique_after(prev: Scene, nxt: Scene, etype: str) -> bool:
+    """(colour, shape) pairs stay unique; only a count edit may create exact copies (no other
+    edit may add a member to any (colour, shape) group)."""
+    if not nxt.pairs_unique_except_categories():
+        return False
+    if etype == "count":
+        return True
+    before = _pair_counts(prev)
+    return all(n <= max(1, before.get(p, 0)) for p, n in _pair_counts(nxt).items()) and \
+        all(n <= before.get(p, 0) for p, n in _pair_counts(nxt).items() if n > 1)
 
 
 def sample_scene(rng: np.random.Generator, cfg: GrammarConfig) -> Scene:
@@ -233,7 +248,7 @@ def _draft(rng: np.random.Generator, scene: Scene, etype: str, rule: _Rule | Non
         color = also.get("color") or _choice(rng, tuple(COLORS))
         fill = also.get("fill") or _choice(rng, FILLS)
         shape, size, cell = _choice(rng, SHAPES), _choice(rng, SIZES), _choice(rng, free)
-        edit = Edit("add", None, {"shape": shape, "color": color, "size": size, "fill": fill, "cell": cell})
+        edit = Edit("add", None, {"shape": shape, "color": color, "size": size, "fill": fill, "cell": cell, "also": also})
         words = [size]
         if "color" not in also:
             words.append(color)
@@ -380,7 +395,7 @@ def sample_session(seed: int, index: int, cfg: GrammarConfig | None = None) -> S
                 nxt = apply_edit(scene, d.edit)
             except ValueError:
                 continue
-            if not _unique_after(nxt):
+            if not _unique_after(scene, nxt, d.edit.type):
                 continue
             d.next_scene = nxt
             draft = d

@@ -2,8 +2,9 @@
 
 1. Every pixel is snapped to the nearest palette colour.
 2. The background is the most common colour of the border ring (always empty by geometry).
-3. Each pixel goes to the background or to the nearest object colour present in the image
-   (so a blurred thin stroke, closer to its colour than to the background, stays with it);
+3. Each pixel goes to the background->colour blend line (of the object colours present in
+   the image) it lies closest to, and to that colour past the line's midpoint, so a blurred
+   thin stroke stays with its own colour and never reads as a third one;
    per colour, 8-connected components of at least `min_area` px are objects. Shape
    and size come from the best IoU of the hole-filled component against the solid
    template of each (shape, size) placed at the component's bounding-box centre (never the
@@ -159,9 +160,18 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
     present = [ci for ci in range(N_OBJ_COLORS) if ci != bg_idx and confident[ci] >= PRESENT_MIN_PIXELS]
     bg_ref = pal[bg_idx]
     if present:
-        # soft assignment: a blurred thin stroke stays with its colour as long as it is
-        # closer to it than to the background (palette snapping can hand it to a third colour)
-        owner = d2[:, [bg_idx] + present].argmin(1).reshape(H, W)                     # 0 = background
+        # Each pixel lies (up to noise) on the blend line between the background and the colour
+        # of the object it belongs to, blurred edges included. It goes to the line it is closest
+        # to, and to that colour when past the line's midpoint. (Nearest palette point is not
+        # enough: a blue/white blend is nearer purple than blue or white.)
+        axes = pal[present] - bg_ref                                                   # [Pp, 3]
+        rel = flat - bg_ref                                                            # [HW, 3]
+        t_all = (rel @ axes.T) / (axes ** 2).sum(1)[None]                              # [HW, Pp]
+        tc = np.clip(t_all, 0.0, 1.0)
+        resid = ((rel[:, None, :] - tc[..., None] * axes[None]) ** 2).sum(-1)          # [HW, Pp]
+        best = resid.argmin(1)
+        t_best = t_all[np.arange(best.size), best]
+        owner = np.where(t_best > 0.5, best + 1, 0).reshape(H, W)                      # 0 = background
     for pi, ci in enumerate(present, start=1):
         member = owner == pi
         rows, cols = np.flatnonzero(member.any(1)), np.flatnonzero(member.any(0))
@@ -171,9 +181,7 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
         comps, n = ndimage.label(member, structure=struct)
         if n == 0:
             continue
-        c_ref = pal[ci]
-        axis = c_ref - bg_ref
-        tmap = ((x - bg_ref) @ axis) / float(axis @ axis)                             # [H, W]
+        tmap = t_all[:, pi - 1].reshape(H, W)                                         # [H, W]
         sizes = np.bincount(comps.ravel())
         for k, sl in enumerate(ndimage.find_objects(comps), start=1):
             if sl is None or sizes[k] < min_area:

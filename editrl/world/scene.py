@@ -180,13 +180,13 @@ class Scene:
         return all(len(v) == 1 for v in by_pair.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"background": self.background, "canvas": self.canvas,
+        return {"background": self.background, "canvas": self.canvas, "next_id": self.next_id,
                 "objects": [o.to_dict() for o in self.sorted_objects()]}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Scene":
         objs = tuple(Obj.from_dict(o) for o in d.get("objects", []))
-        return Scene(d["background"], objs, int(d.get("canvas", BASE_CANVAS)))
+        return Scene(d["background"], objs, int(d.get("canvas", BASE_CANVAS)), int(d.get("next_id", 0)))
 
 
 @dataclass(frozen=True)
