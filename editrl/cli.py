@@ -252,32 +252,56 @@ def pretrain_cmd(
 
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
-         sessions: int = typer.Option(200, "--sessions")) -> None:
-    """The main job on the embedded default (for now: a ShapesWorld suite and a judge check)."""
+         sessions: int = typer.Option(200, "--sessions", help="sessions for the judge check"),
+         edit_sessions: int = typer.Option(64, "--edit-sessions", help="sessions the shipped editor is benchmarked on")) -> None:
+    """The main job on the embedded default: a ShapesWorld suite, the judge checked against
+    ground truth and faults, and the shipped tiny editor benchmarked over chained turns."""
+    import numpy as np
+    import torch
+
+    from .editors.tiny import SHIPPED
+    from .session import atomic_write_text
     from .world.check import run_check
     from .world.grammar import GrammarConfig
-    from .world.io import write_world
+    from .world.io import atomic_write_bytes, png_bytes, write_world
+    from .quality import evaluate_editor
 
     _positive("sessions", sessions)
+    _positive("edit-sessions", edit_sessions)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     cfg = GrammarConfig(turns=3)
     with _progress() as prog:
         t = prog.add_task("sampling a suite", total=sessions)
         sample = write_world(out / "suite", sessions, 0, cfg, True, progress=lambda n: prog.advance(t, n))
-        t = prog.add_task("checking the judge", total=sessions)
-        clean = run_check(sessions, 1, cfg=cfg, progress=lambda n: prog.advance(t, n))
-        t = prog.add_task("checking the judge (degraded)", total=sessions)
+        t = prog.add_task("checking the judge (degraded images)", total=sessions)
         degraded = run_check(sessions, 1, cfg=cfg, degrade_images=True, progress=lambda n: prog.advance(t, n))
-    table = Table(title="ShapesWorld judge")
-    for col in ("images", "gt pass rate", "perturbations", "detect rate", "graded CC gt / ghost / texture"):
-        table.add_column(col)
-    for name, r in (("clean", clean), ("degraded", degraded)):
-        g = r["graded_cc_mean"]
-        table.add_row(name, f"{r['gt_pass_rate']:.4f}", str(r["perturbations"]), f"{r['perturbation_detect_rate']:.4f}",
-                      f"{g['ground_truth']:.3f} / {g.get('ghost', float('nan')):.3f} / {g['texture']:.3f}")
-    err.print(table)
-    err.print(f"suite with ground-truth targets: {out / 'suite'}")
-    emit({"suite": sample, "check": {k: {x: r[x] for x in ("gt_pass_rate", "perturbation_detect_rate", "perturbations")}
-                                     for k, r in (("clean", clean), ("degraded", degraded))}})
+        quality = None
+        if SHIPPED.is_file():
+            t = prog.add_task("benchmarking the shipped editor", total=2 * edit_sessions * cfg.turns)
+            quality = evaluate_editor("tiny", edit_sessions, cfg.turns, 4242, 10, ["explicit", "in_context"],
+                                      progress=lambda n: prog.advance(t, n), strips=6)
+    g = degraded["graded_cc_mean"]
+    err.print(f"judge on degraded images: ground truth pass rate {degraded['gt_pass_rate']:.4f}, "
+              f"{degraded['perturbations']} single faults caught at rate {degraded['perturbation_detect_rate']:.4f}; "
+              f"graded CC ground truth {g['ground_truth']:.3f}, ghost {g.get('ghost', float('nan')):.3f}, texture {g['texture']:.3f}")
+    result: dict[str, Any] = {"suite": sample["out"], "judge_check": {k: degraded[k] for k in ("gt_pass_rate", "perturbation_detect_rate", "perturbations")}}
+    if quality is not None:
+        table = Table(title=f"shipped tiny editor, {edit_sessions} fresh sessions, chained turns (exact judge)")
+        for col in ("text", "turn", "IF", "CC", "GA", "CU", "success", "success@k", "marginal"):
+            table.add_column(col)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        for form, r in quality["forms"].items():
+            for row in r["per_turn"]:
+                table.add_row(form, str(row["turn"]), *(fmt(row[c]) for c in ("IF", "CC", "GA", "CU", "success", "success_all", "marginal")))
+        err.print(table)
+        for name, png in quality.pop("strips").items():
+            atomic_write_bytes(out / "examples" / f"{name}.png", png)
+        err.print(f"example sessions (source | turns, explicit then in-context): {out / 'examples'}")
+        result["editor"] = {form: r["per_turn"] for form, r in quality["forms"].items()}
+    else:
+        err.print(f"[yellow]no shipped editor checkpoint at {SHIPPED}: editor benchmark skipped[/yellow]")
+    atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
+    emit(result)
 
 
 # ------------------------------------------------------------------------------ entry

@@ -31,7 +31,7 @@ from .checkpoint import (flatten_optimizer, load_state, prefixed, restore_rng, r
                          unflatten_optimizer, unprefixed)
 from .config import to_dict
 from .editors.base import images_to_tensor
-from .editors.tiny import TinyConfig, TinyEditor, Tokenizer
+from .editors.tiny import SIGMA_FLOOR, TinyConfig, TinyEditor, Tokenizer
 from .world.grammar import GrammarConfig, sample_session, session_scenes
 from .world.render import degrade, render
 
@@ -135,8 +135,11 @@ def flow_matching_loss(editor: TinyEditor, batch: dict[str, torch.Tensor], gen: 
     s = sigma.view(B, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * eps                                                   # [B, 3, H, W]
     cond = editor.encode_tokens(batch["source"], batch["ids"], batch["mask"])
-    v = editor.velocity(x_sigma, sigma, cond)
-    return F.mse_loss(v, eps - x0)
+    # the velocity loss ‖v_θ − (ε − x0)‖² written for an x-predicting net: ‖x̂0 − x0‖² / σ²
+    # (σ floored as in TinyEditor.velocity, so the two agree wherever sampling goes)
+    x0_hat = editor.predict_x0(x_sigma, sigma, cond)
+    w = 1.0 / sigma.clamp(min=SIGMA_FLOOR) ** 2                                        # [B]
+    return (w.view(B, 1, 1, 1) * (x0_hat - x0) ** 2).mean()
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:

@@ -211,3 +211,42 @@ def test_pretrain_cli_smoke(tmp_path):
     r = subprocess.run([sys.executable, "-m", "editrl.cli", "pretrain", "--out", str(tmp_path / "x"), "bogus=1"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rollout_feeds_each_turn_the_previous_output(tmp_path):
+    from editrl.rollout import rollout, turn_texts
+
+    class Recorder:
+        """An editor that records its inputs and returns a fresh image per call."""
+        def __init__(self):
+            self.calls = []
+
+        def edit(self, images, instructions, contexts=None, generator=None, steps=10):
+            outs = [np.full_like(im, len(self.calls) * 10 + j) for j, im in enumerate(images)]
+            self.calls.append((images, list(instructions), contexts, outs))
+            return outs
+
+    sessions = [sample_session(3, i, GrammarConfig(turns=3)) for i in range(2)]
+    sources = [render(session_scenes(s)[0]) for s in sessions]
+    rec = Recorder()
+    outs = rollout(rec, sessions, sources, form="in_context", steps=2)
+    assert len(rec.calls) == 3 and len(outs[0]) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(rec.calls[1][0], rec.calls[0][3]))   # turn 2 input = turn 1 output
+    assert rec.calls[2][2][0] == [sessions[0].turns[0].instruction, sessions[0].turns[1].instruction]
+    assert turn_texts(sessions[0], 2, "explicit") == (sessions[0].turns[1].explicit, [])
+    with pytest.raises(EditrlInputError):
+        turn_texts(sessions[0], 1, "sideways")
+
+
+def test_quality_of_an_identity_editor_is_exactly_predictable(tmp_path):
+    """An untrained tiny editor returns its input (x̂0 = source + 0): CC passes at turn 1,
+    IF fails there, and success@k never exceeds success at any turn."""
+    from editrl.quality import evaluate_editor
+
+    ed = TinyEditor(SMALL)
+    ed.save(tmp_path / "model.safetensors")
+    r = evaluate_editor(f"tiny:{tmp_path}", 5, 2, 11, 2, ["explicit"], strips=1)
+    t1, t2 = r["forms"]["explicit"]["per_turn"]
+    assert t1["CC"] == 1.0 and t1["IF"] == 0.0 and t1["success"] == 0.0
+    assert t2["success_all"] <= t1["success_all"] and t2["success_all"] <= t2["success"]
+    assert len(r["strips"]) == 1
