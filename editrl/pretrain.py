@@ -51,8 +51,10 @@ class PretrainConfig:
     max_turns: int = 4                  # sessions sampled with 1..max_turns turns
     in_context_share: float = 0.4       # share of examples in the in-context text form
     degrade_prob: float = 0.5           # share of inputs degraded like a model output
-    sigma_logit_std: float = 1.0        # σ ~ sigmoid(N(0, std)) (SD3's logit-normal) ...
+    sigma_logit_mean: float = 0.3       # σ ~ sigmoid(N(mean, std)) (SD3's logit-normal) ...
+    sigma_logit_std: float = 1.0
     sigma_uniform_share: float = 0.1    # ... mixed with U(0, 1)
+    loss_sigma_floor: float = 0.25      # x-loss weight 1/max(σ, floor)²: the velocity loss, bounded at low σ
     log_every: int = 50
     eval_every: int = 1000              # quick held-out single-turn eval (0 = never)
     eval_examples: int = 128
@@ -129,16 +131,18 @@ def flow_matching_loss(editor: TinyEditor, batch: dict[str, torch.Tensor], gen: 
     x0 = batch["target"]                                                               # [B, 3, H, W]
     B = x0.shape[0]
     eps = torch.randn(x0.shape, generator=gen)                                         # [B, 3, H, W]
-    sigma = torch.sigmoid(torch.randn(B, generator=gen) * cfg.sigma_logit_std)         # [B]
+    sigma = torch.sigmoid(cfg.sigma_logit_mean + torch.randn(B, generator=gen) * cfg.sigma_logit_std)   # [B]
     uni = torch.rand(B, generator=gen)
     sigma = torch.where(torch.rand(B, generator=gen) < cfg.sigma_uniform_share, uni, sigma)
     s = sigma.view(B, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * eps                                                   # [B, 3, H, W]
     cond = editor.encode_tokens(batch["source"], batch["ids"], batch["mask"])
-    # the velocity loss ‖v_θ − (ε − x0)‖² written for an x-predicting net: ‖x̂0 − x0‖² / σ²
-    # (σ floored as in TinyEditor.velocity, so the two agree wherever sampling goes)
+    # The velocity loss ‖v_θ − (ε − x0)‖² of an x-predicting net is ‖x̂0 − x0‖² / σ². Its weight
+    # is bounded below σ = loss_sigma_floor: unbounded, a few nearly clean samples dominate
+    # every (clipped) step and starve the noisy regime where the edit is decided. Any positive
+    # σ-weighting has the same minimiser, E[x0 | x_σ, condition].
     x0_hat = editor.predict_x0(x_sigma, sigma, cond)
-    w = 1.0 / sigma.clamp(min=SIGMA_FLOOR) ** 2                                        # [B]
+    w = 1.0 / sigma.clamp(min=max(SIGMA_FLOOR, cfg.loss_sigma_floor)) ** 2             # [B]
     return (w.view(B, 1, 1, 1) * (x0_hat - x0) ** 2).mean()
 
 
