@@ -210,6 +210,9 @@ class TinyEditNet(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(ch[0], emb), nn.SiLU(), nn.Linear(emb, emb))
         self.p_mlp = nn.Sequential(nn.Linear(td, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.stem = nn.Conv2d(2 * 3 * f * f, ch[0], 1)
+        # learned positional embeddings: cross-attention must link "at the middle right" to a place
+        n0 = cfg.canvas // f
+        self.pos_emb = nn.ParameterList(nn.Parameter(torch.randn(ch[i], n0 >> i, n0 >> i) * 0.02) for i in range(3))
         self.down = nn.ModuleList(
             nn.ModuleList(ResBlock(ch[i], ch[i], emb) for _ in range(cfg.blocks[i])) for i in range(3))
         self.down_attn = nn.ModuleList(
@@ -218,7 +221,7 @@ class TinyEditNet(nn.Module):
         self.mid, self.mid_attn = ResBlock(ch[2], ch[2], emb), Attention(ch[2], td, cfg.heads)
         self.upconv = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 1) for i in range(2))
         self.up = nn.ModuleList(ResBlock(ch[i], ch[i], emb) for i in range(2))
-        self.up_attn = Attention(ch[1], td, cfg.heads)
+        self.up_attn = nn.ModuleList(Attention(ch[i], td, cfg.heads) for i in range(2))
         self.out_norm = nn.GroupNorm(8, ch[0])
         self.out = nn.Conv2d(ch[0], 3 * f * f, 1)
         self.attns = [m for m in self.modules() if isinstance(m, Attention)]
@@ -244,6 +247,7 @@ class TinyEditNet(nn.Module):
         h = self.stem(F.pixel_unshuffle(torch.cat([x, source], 1), f))                 # [B, C0, 16, 16]
         skips = []
         for i in range(3):
+            h = h + self.pos_emb[i]
             for j, block in enumerate(self.down[i]):
                 h = block(h, e)
                 if i > 0:
@@ -255,8 +259,7 @@ class TinyEditNet(nn.Module):
         for i in (1, 0):
             h = self.upconv[i](F.interpolate(h, scale_factor=2, mode="nearest"))
             h = self.up[i](h + skips.pop(), e)
-            if i == 1:
-                h = self.up_attn(h, cache[id(self.up_attn)], text_mask)
+            h = self.up_attn[i](h, cache[id(self.up_attn[i])], text_mask)
         delta = F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), f)               # [B, 3, 64, 64]
         return source + delta                                                         # x̂0: an edit of the source
 
