@@ -125,7 +125,7 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
         still = [d for d in extras if (d.color, d.shape) == (o.color, o.shape) or d.cell == o.cell]
         if still:
             IF = _check(False, 0.0, f"{o.describe()} still present ({_desc_det(still[0])})")
-        elif t == "remove" and residue_at_old:
+        elif residue_at_old:
             IF = _check(False, 0.5, f"faint remnant of {o.describe()} left behind")
         else:
             IF = _check(True, 1.0, "")
@@ -138,11 +138,12 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
         reason = ""
         if len(got) != len(want):
             reason = f"{len(got)} {cat[0]} {cat[1]}(s), expected {len(want)}"
+            score = 1.0 - abs(len(got) - len(want)) / max(len(got), len(want))
         elif bad:
             reason = _obj_report(bad[0], matched[bad[0].id])[1]
-        score = 1.0 - abs(len(got) - len(want)) / max(len(got), len(want)) if ok is False else 1.0
-        if bad and len(got) == len(want):
-            score = 1.0 - len(bad) / len(want) * 0.5
+            score = 1.0 - 0.5 * len(bad) / len(want)   # right number, some copies misplaced
+        else:
+            score = 1.0
         IF = _check(ok, score, reason)
     else:  # add, replace, color, material, size, position
         o = nxt.get(tid)
