@@ -210,7 +210,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, log: Callable[[str], N
     metrics_path = out / "metrics.jsonl"
     if state_path.exists():                                   # exact resume
         tensors, meta = load_state(state_path)
-        if meta.get("config") != to_dict(cfg):
+        if _resumable(meta.get("config")) != _resumable(to_dict(cfg)):
             from .session import EditrlInputError
             raise EditrlInputError(f"{out} holds a run with a different config; use a new --out or the same settings")
         editor.net.load_state_dict(unprefixed(tensors, "model"))
@@ -279,6 +279,12 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, log: Callable[[str], N
                                                     "pretrain_seed": str(cfg.seed)})
     return {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2), "last": last,
             "model": str(out / "model.safetensors")}
+
+
+def _resumable(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The settings a resumed run must share with its start: everything but the wall-clock
+    budget (extending `max_minutes` to train longer is fine; the result stays exact)."""
+    return None if cfg is None else {k: v for k, v in cfg.items() if k != "max_minutes"}
 
 
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:

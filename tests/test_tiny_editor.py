@@ -196,7 +196,8 @@ def test_pretrain_smoke_and_exact_resume(tmp_path):
         assert torch.equal(a[k], b[k]), k
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    # a different config in the same folder is refused, not silently mixed
+    # a longer wall-clock budget may be given on resume; any other change is refused, not mixed
+    pretrain(load_config(PretrainConfig, "tiny-smoke", ["max_steps=4", "max_minutes=30"]), run, log=lambda m: None)
     with pytest.raises(EditrlInputError, match="different config"):
         pretrain(load_config(PretrainConfig, "tiny-smoke", ["max_steps=4", "lr=1e-3"]), run, log=lambda m: None)
 
@@ -285,3 +286,18 @@ def test_pretrain_survives_sigkill_and_resumes_exactly(tmp_path):
     ra = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert strip(ra) == strip(rb)
+
+
+def test_shipped_checkpoint_loads_and_edits():
+    from editrl.editors.tiny import SHIPPED
+    from safetensors import safe_open
+
+    assert SHIPPED.is_file(), "the shipped tiny-editor weights are missing"
+    assert SHIPPED.stat().st_size <= 25 * 2**20
+    with safe_open(str(SHIPPED), framework="pt") as f:
+        meta = f.metadata()
+    assert int(meta["pretrain_steps"]) > 0 and "pretrain_minutes" in meta
+    ed = load_tiny("tiny")
+    s = sample_session(31, 0, GrammarConfig(turns=1))
+    out = ed.edit([render(session_scenes(s)[0])], [s.turns[0].explicit], steps=2)
+    assert out[0].shape == (64, 64, 3)
