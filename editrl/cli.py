@@ -287,7 +287,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
     result: dict[str, Any] = {"suite": sample["out"], "judge_check": {k: degraded[k] for k in ("gt_pass_rate", "perturbation_detect_rate", "perturbations")}}
     if quality is not None:
         table = Table(title=f"shipped tiny editor, {edit_sessions} fresh sessions, chained turns (exact judge)")
-        for col in ("text", "turn", "IF", "CC", "GA", "CU", "success", "success@k", "marginal"):
+        for col in ("text", "turn", "IF", "CC", "GA", "CU", "succ", "succ@k", "marg"):
             table.add_column(col)
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         for form, r in quality["forms"].items():
