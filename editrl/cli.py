@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -147,7 +148,7 @@ def convert_cmd(
     summary = convert(fmt, src, out)
     err.print(f"{summary['converted']} of {summary['records']} records converted, {summary['failed']} failed -> {out}")
     for f in summary["failures"][:10]:
-        err.print(f"  {f['where']}: {f['reason']}")
+        err.print(escape(f"  {f['where']}: {f['reason']}"))
     emit(summary)
 
 
@@ -169,7 +170,8 @@ def edit_cmd(
 
     from .editors import load_editor
     from .session import atomic_write_text, read_sessions, resolve_image
-    from .world.io import atomic_write_bytes, png_bytes
+    from .session import atomic_write_bytes
+    from .world.io import png_bytes
     from .world.render import load_png
 
     _positive("steps", steps)
@@ -199,6 +201,10 @@ def edit_cmd(
     canvas = getattr(getattr(ed, "cfg", None), "canvas", None)
     if canvas and img.shape[:2] != (canvas, canvas):
         raise EditrlInputError(f"--image {image}: the editor edits {canvas}x{canvas} images, got {img.shape[1]}x{img.shape[0]}")
+    tok = getattr(ed, "tokenizer", None)
+    if tok is not None:  # reject an unknown word before anything is written
+        for text in texts:
+            tok.ids(text)
     gen = torch.Generator().manual_seed(seed)
     atomic_write_bytes(out / "turn_0.png", png_bytes(img))
     rows = []
@@ -216,7 +222,7 @@ def edit_cmd(
             row["verdict"] = {c: (r.status, r.reason) for c, r in v.checks().items() if r.status}
             row["success"] = v.success
         rows.append(row)
-        err.print(f"turn {k}: {text}" + (f"  -> {'pass' if row.get('success') else 'FAIL'}" if "success" in row else ""))
+        err.print(f"turn {k}: {escape(text)}" + (f"  -> {'pass' if row.get('success') else 'FAIL'}" if "success" in row else ""))
     summary = {"editor": editor, "mode": mode, "steps": steps, "seed": seed, "out": str(out), "turns": rows}
     atomic_write_text(out / "turns.json", json.dumps(summary, indent=2) + "\n")
     emit(summary)
@@ -263,7 +269,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
     from .session import atomic_write_text
     from .world.check import run_check
     from .world.grammar import GrammarConfig
-    from .world.io import atomic_write_bytes, png_bytes, write_world
+    from .session import atomic_write_bytes
+    from .world.io import png_bytes, write_world
     from .quality import evaluate_editor
 
     _positive("sessions", sessions)
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except EditrlInputError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Exit,) as e:
         sys.exit(e.exit_code)
@@ -328,11 +335,11 @@ def main(argv: list[str] | None = None) -> None:
             ctx = getattr(e, "ctx", None)
             if ctx is not None:
                 hint = f" (see '{ctx.command_path} --help')"
-            err.print(f"[red]error:[/red] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(e.format_message() + hint)}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if os.environ.get("EDITRL_DEBUG"):
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set EDITRL_DEBUG=1 for the traceback)",
+        err.print(f"[red]internal error:[/red] {escape(f'{type(e).__name__}: {e}')} (set EDITRL_DEBUG=1 for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
     sys.exit(0)

@@ -329,21 +329,13 @@ class TinyEditor(FlowEditor):
         return {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
 
     def save(self, path: str | Path, extra_meta: dict[str, str] | None = None) -> None:
-        import os
-        import tempfile
-
         from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+        from ..session import atomic_path
+
         meta = {"editrl": "tiny", "config": self.cfg.to_json(), **(extra_meta or {})}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(self.state_dict(), tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | Path, mode: str = "explicit") -> "TinyEditor":

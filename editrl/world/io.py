@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
-from ..session import EditrlInputError, write_sessions
+from ..session import EditrlInputError, atomic_write_bytes, write_sessions
 from .grammar import GrammarConfig, sample_session, session_scenes
 from .render import render
 
@@ -24,19 +23,6 @@ def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_world(out: str | os.PathLike, n_sessions: int, seed: int, cfg: GrammarConfig,
