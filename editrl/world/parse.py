@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -38,23 +37,6 @@ MIN_IOU = 0.5              # below this the shape is unknown
 PRESENT_DISTANCE = 0.25    # RGB distance (on [0, 1]) of a pixel that vouches for its colour
 PRESENT_MIN_PIXELS = 4
 HOLLOW_LEVEL = 0.6         # mean background->colour level inside the hole above which it is solid
-
-
-@lru_cache(maxsize=1)
-def _lut() -> np.ndarray:
-    """[32768] palette index for every 5-bit-per-channel colour bin (bin centres)."""
-    c = (np.arange(32, dtype=np.float32) * 8 + 4)
-    r, g, b = np.meshgrid(c, c, c, indexing="ij")
-    rgb = np.stack([r, g, b], -1).reshape(-1, 3)                       # [32768, 3]
-    d = ((rgb[:, None, :] - _PALETTE[None]) ** 2).sum(-1)              # [32768, P]
-    return d.argmin(1).astype(np.int8)
-
-
-def quantize(img: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 -> [H, W] palette index."""
-    q = img >> 3
-    idx = (q[..., 0].astype(np.int32) << 10) | (q[..., 1].astype(np.int32) << 5) | q[..., 2]
-    return _lut()[idx]
 
 
 @dataclass
