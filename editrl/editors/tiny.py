@@ -106,6 +106,7 @@ class TinyConfig:
     text_layers: int = 2
     heads: int = 4
     max_tokens: int = 96
+    top_self_attn: bool = True             # self-attention at the 16x16 level too (the costliest op on CPU)
     vocab: tuple[str, ...] = WORDS
 
     def to_json(self) -> str:
@@ -144,17 +145,19 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Self-attention over positions plus cross-attention to the text tokens."""
 
-    def __init__(self, c: int, text_dim: int, heads: int) -> None:
+    def __init__(self, c: int, text_dim: int, heads: int, self_attn: bool = True) -> None:
         super().__init__()
         self.heads = heads
-        self.n1 = nn.GroupNorm(8, c)
-        self.qkv = nn.Linear(c, 3 * c)
-        self.o1 = nn.Linear(c, c)
+        self.self_attn = self_attn
+        if self_attn:
+            self.n1 = nn.GroupNorm(8, c)
+            self.qkv = nn.Linear(c, 3 * c)
+            self.o1 = nn.Linear(c, c)
         self.n2 = nn.LayerNorm(c)
         self.q2 = nn.Linear(c, c)
         self.kv2 = nn.Linear(text_dim, 2 * c)
         self.o2 = nn.Linear(c, c)
-        for o in (self.o1, self.o2):
+        for o in (self.o1, self.o2) if self_attn else (self.o2,):
             nn.init.zeros_(o.weight)
             nn.init.zeros_(o.bias)
 
@@ -168,10 +171,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, text: Tensor | tuple[Tensor, Tensor], text_mask: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        h = self.n1(x).flatten(2).transpose(1, 2)                                     # [B, HW, C]
-        q, k, v = self.qkv(h).chunk(3, -1)
-        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
-        t = x.flatten(2).transpose(1, 2) + self.o1(a.transpose(1, 2).reshape(B, H * W, C))
+        t = x.flatten(2).transpose(1, 2)                                              # [B, HW, C]
+        if self.self_attn:
+            q, k, v = self.qkv(self.n1(x).flatten(2).transpose(1, 2)).chunk(3, -1)
+            a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+            t = t + self.o1(a.transpose(1, 2).reshape(B, H * W, C))
         q = self._split(self.q2(self.n2(t)))
         k, v = text if isinstance(text, tuple) else self.text_kv(text)
         m = text_mask[:, None, None, :]                                               # [B, 1, 1, L]
@@ -221,7 +225,8 @@ class TinyEditNet(nn.Module):
         self.mid, self.mid_attn = ResBlock(ch[2], ch[2], emb), Attention(ch[2], td, cfg.heads)
         self.upconv = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 1) for i in range(2))
         self.up = nn.ModuleList(ResBlock(ch[i], ch[i], emb) for i in range(2))
-        self.up_attn = nn.ModuleList(Attention(ch[i], td, cfg.heads) for i in range(2))
+        self.up_attn = nn.ModuleList(Attention(ch[i], td, cfg.heads, self_attn=i > 0 or cfg.top_self_attn)
+                                     for i in range(2))
         self.out_norm = nn.GroupNorm(8, ch[0])
         self.out = nn.Conv2d(ch[0], 3 * f * f, 1)
         self.attns = [m for m in self.modules() if isinstance(m, Attention)]

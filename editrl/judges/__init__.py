@@ -1,0 +1,1 @@
+"""Judges: `program` (ShapesWorld, exact), `vlm:URL` (OpenAI-compatible), `vlm-local:PATH` (transformers)."""
