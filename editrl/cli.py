@@ -254,6 +254,118 @@ def pretrain_cmd(
     emit(summary)
 
 
+# ----------------------------------------------------------------------------- bench
+
+bench_app = typer.Typer(add_completion=False, help="Run SUITE through EDITOR and judge every turn with JUDGE: writes "
+                        "DIR/results.json, records.jsonl and report.html (resumable, verdicts cached). "
+                        "'bench compare DIR_A DIR_B': paired per-turn differences.")
+app.add_typer(bench_app, name="bench")
+
+
+def _rate(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    suite: Optional[str] = typer.Option(None, "--suite", help="shapes | a sessions JSONL (editrl, MICE-Bench or EdiVal records)"),
+    editor: Optional[str] = typer.Option(None, "--editor", help="tiny | tiny:PATH | outputs:DIR (DIR/<session id>/turn_<k>.png)"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="program | vlm:URL | vlm-local:PATH"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (resumes if it holds the same run)"),
+    sessions: Optional[int] = typer.Option(None, "--sessions", help="shapes: how many (default 50); a file: the first N"),
+    turns: Optional[int] = typer.Option(None, "--turns", help="shapes: turns per session (default 3); a file: at most K turns"),
+    seed: int = typer.Option(0, "--seed", help="shapes sessions, editor noise and bootstrap"),
+    form: str = typer.Option("auto", "--form", help="text the editor sees: explicit | raw | in_context | auto"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="ODE steps (default: the editor's)"),
+    batch_size: int = typer.Option(32, "--batch-size", help="sessions per editor batch"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="verdict cache (default $EDITRL_CACHE_DIR/judgements.sqlite or ~/.cache/editrl/judgements.sqlite)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the verdict cache"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% intervals (0: none)"),
+    strips: int = typer.Option(24, "--strips", help="sessions shown as image strips in report.html"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="outputs:DIR: score a missing image (and later turns) as missing instead of failing"),
+    chunk_size: int = typer.Option(64, "--chunk-size", help="turns per judge call and per records.jsonl append"),
+    judge_workers: int = typer.Option(1, "--judge-workers", help="program judge: worker processes"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="vlm judges: the model name"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="vlm judges: judging protocol"),
+    votes: Optional[int] = typer.Option(None, "--votes", help="vlm judges: samples per verdict (majority)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="vlm judges: sampling temperature"),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="vlm judges: let the model reason first"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="vlm judges: requests in flight"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="vlm judges: seconds per request"),
+    retries: Optional[int] = typer.Option(None, "--retries", help="vlm judges: retries per request"),
+) -> None:
+    """Run SUITE through EDITOR, judge every turn with JUDGE; write DIR/results.json, records.jsonl, report.html."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .bench import BenchConfig, run_bench
+
+    given = {"--suite": suite, "--editor": editor, "--judge": judge, "--out": out}
+    absent = [k for k, v in given.items() if v is None]
+    if absent:
+        raise EditrlInputError(f"bench needs {', '.join(absent)} (or: editrl bench compare DIR_A DIR_B)")
+    opts = {"model": judge_model, "protocol": protocol, "votes": votes, "temperature": temperature, "think": think,
+            "concurrency": concurrency, "timeout": timeout, "retries": retries}
+    cfg = BenchConfig(suite=suite, editor=editor, judge=judge, out=out, sessions=sessions, turns=turns, seed=seed,
+                      form=form, steps=steps, batch_size=batch_size, cache=cache, no_cache=no_cache,
+                      bootstrap=bootstrap, strips=strips, allow_missing=allow_missing, chunk_size=chunk_size,
+                      judge_workers=judge_workers,
+                      judge_options={k: v for k, v in opts.items() if v is not None})
+    bars: list[Progress] = []   # started on first use, so that bad input prints one line only
+
+    def progress(description: str, total: int):
+        if total == 0:
+            return lambda n: None
+        if not bars:
+            bars.append(_progress())
+            bars[0].start()
+        task = bars[0].add_task(description, total=total)
+        return lambda n: bars[0].advance(task, n)
+
+    try:
+        summary = run_bench(cfg, progress=progress, log=lambda m: err.print(escape(m)))
+    finally:
+        if bars:
+            bars[0].stop()
+    results = json.loads((out / "results.json").read_text())
+    table = Table(title=escape(f"{editor} on {suite} ({summary['n_sessions']} sessions, judge {summary['judge']})"))
+    for col in ("k", "n", "IF", "CC", "GA", "CU", "succ", "s@k", "marg", "err", "miss"):
+        table.add_column(col, no_wrap=True)
+    for r in results["per_turn"]:
+        table.add_row(str(r["turn"]), str(r["n"]), *(_rate(r[c]) for c in ("IF", "CC", "GA", "CU", "success", "success_all", "marginal")),
+                      str(r["judge_errors"]), str(r["missing"]))
+    err.print(table)
+    err.print(f"O = {_rate(summary['O'])}; judge calls {summary['judge_calls']}, cache hits {summary['cache_hits']}, "
+              f"resumed {summary['records_resumed']} records; {summary['seconds']:.1f} s -> {escape(str(out / 'report.html'))}")
+    emit(summary)
+
+
+@bench_app.command("compare")
+def bench_compare(
+    dir_a: Path = typer.Argument(..., help="run A (the baseline)"),
+    dir_b: Path = typer.Argument(..., help="run B"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="paired bootstrap resamples"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Per-turn differences B - A (success, success@k, IF, CC, O) with paired bootstrap intervals over common sessions."""
+    from .bench import compare_runs
+
+    if bootstrap < 0:
+        raise EditrlInputError(f"--bootstrap must be at least 0, got {bootstrap}")
+    res = compare_runs(dir_a, dir_b, n_boot=bootstrap, seed=seed)
+    table = Table(title=escape(f"B - A over {res['common_sessions']} common sessions (A: {res['editor_a']}, B: {res['editor_b']})"))
+    for col in ("turn", "metric", "A", "B", "B - A", "95% CI (paired)"):
+        table.add_column(col, no_wrap=True)
+    for r in res["per_turn"]:
+        for m in res["metrics"]:
+            d = r[m]
+            ci = "-" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            table.add_row(str(r["turn"]), {"success_all": "success@k"}.get(m, m), _rate(d["a"]), _rate(d["b"]),
+                          "-" if d["diff"] is None else f"{d['diff']:+.3f}", ci, end_section=m == res["metrics"][-1])
+    err.print(table)
+    emit(res)
+
+
 # ------------------------------------------------------------------------------ demo
 
 @app.command("demo")

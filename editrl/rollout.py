@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .session import EditrlInputError, Session
 
@@ -33,29 +32,31 @@ def turn_texts(session: Session, k: int, form: str) -> tuple[str, list[str]]:
     raise EditrlInputError(f"unknown text form {form!r} (expected one of {', '.join(TEXT_FORMS)})")
 
 
-@torch.no_grad()
 def rollout(editor, sessions: Sequence[Session], sources: Sequence[np.ndarray], form: str = "explicit",
             steps: int = 10, seed: int = 0, batch_size: int = 64, turns: int | None = None,
             progress=None) -> list[list[np.ndarray]]:
     """outputs[i][k-1] = the image after turn k of session i."""
+    import torch  # imported here so that `turn_texts` alone (e.g. benchmarking precomputed outputs) needs no torch
+
     if len(sessions) != len(sources):
         raise ValueError("one source image per session")
     K = turns or max(s.n_turns for s in sessions)
     outs: list[list[np.ndarray]] = [[] for _ in sessions]
     gen = torch.Generator().manual_seed(seed)
-    for start in range(0, len(sessions), batch_size):
-        idx = list(range(start, min(len(sessions), start + batch_size)))
-        current = [sources[i] for i in idx]
-        for k in range(1, K + 1):
-            live = [j for j, i in enumerate(idx) if sessions[i].n_turns >= k]
-            if not live:
-                break
-            texts, ctxs = zip(*(turn_texts(sessions[idx[j]], k, form) for j in live))
-            imgs = editor.edit([current[j] for j in live], list(texts), [list(c) for c in ctxs],
-                               generator=gen, steps=steps)
-            for j, img in zip(live, imgs):
-                current[j] = img
-                outs[idx[j]].append(img)
-            if progress:
-                progress(len(live))
+    with torch.no_grad():
+        for start in range(0, len(sessions), batch_size):
+            idx = list(range(start, min(len(sessions), start + batch_size)))
+            current = [sources[i] for i in idx]
+            for k in range(1, K + 1):
+                live = [j for j, i in enumerate(idx) if sessions[i].n_turns >= k]
+                if not live:
+                    break
+                texts, ctxs = zip(*(turn_texts(sessions[idx[j]], k, form) for j in live))
+                imgs = editor.edit([current[j] for j in live], list(texts), [list(c) for c in ctxs],
+                                   generator=gen, steps=steps)
+                for j, img in zip(live, imgs):
+                    current[j] = img
+                    outs[idx[j]].append(img)
+                if progress:
+                    progress(len(live))
     return outs

@@ -93,6 +93,8 @@ class CheckResult(_Model):
     score: float | None = None
     reason: str = ""
     raw: str | None = None  # raw judge text, when a model produced it
+    votes: list[Status] | None = None  # each vote's status, when several samples were drawn
+    agreement: float | None = None     # share of valid votes agreeing with the majority
 
 
 class TurnVerdict(_Model):

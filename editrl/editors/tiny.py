@@ -107,6 +107,9 @@ class TinyConfig:
     heads: int = 4
     max_tokens: int = 96
     top_self_attn: bool = True             # self-attention at the 16x16 level too (the costliest op on CPU)
+    top_self_heads: int = 0                # heads of that self-attention (0 = `heads`; 1 is ~3x cheaper on CPU)
+    stem_hidden: int = 0                   # per-patch MLP width of the input stem (0 = one linear map)
+    head_hidden: int = 0                   # per-patch MLP width of the output head (0 = one linear map)
     vocab: tuple[str, ...] = WORDS
 
     def to_json(self) -> str:
@@ -145,9 +148,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Self-attention over positions plus cross-attention to the text tokens."""
 
-    def __init__(self, c: int, text_dim: int, heads: int, self_attn: bool = True) -> None:
+    def __init__(self, c: int, text_dim: int, heads: int, self_attn: bool = True, self_heads: int = 0) -> None:
         super().__init__()
         self.heads = heads
+        self.self_heads = self_heads or heads
         self.self_attn = self_attn
         if self_attn:
             self.n1 = nn.GroupNorm(8, c)
@@ -161,9 +165,10 @@ class Attention(nn.Module):
             nn.init.zeros_(o.weight)
             nn.init.zeros_(o.bias)
 
-    def _split(self, t: Tensor) -> Tensor:
+    def _split(self, t: Tensor, heads: int = 0) -> Tensor:
         B, N, C = t.shape
-        return t.view(B, N, self.heads, C // self.heads).transpose(1, 2)            # [B, h, N, d]
+        h = heads or self.heads
+        return t.view(B, N, h, C // h).transpose(1, 2)                              # [B, h, N, d]
 
     def text_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.kv2(text).chunk(2, -1)
@@ -174,7 +179,8 @@ class Attention(nn.Module):
         t = x.flatten(2).transpose(1, 2)                                              # [B, HW, C]
         if self.self_attn:
             q, k, v = self.qkv(self.n1(x).flatten(2).transpose(1, 2)).chunk(3, -1)
-            a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+            h = self.self_heads
+            a = F.scaled_dot_product_attention(self._split(q, h), self._split(k, h), self._split(v, h))
             t = t + self.o1(a.transpose(1, 2).reshape(B, H * W, C))
         q = self._split(self.q2(self.n2(t)))
         k, v = text if isinstance(text, tuple) else self.text_kv(text)
@@ -213,7 +219,12 @@ class TinyEditNet(nn.Module):
         self.text_norm = nn.LayerNorm(td)
         self.t_mlp = nn.Sequential(nn.Linear(ch[0], emb), nn.SiLU(), nn.Linear(emb, emb))
         self.p_mlp = nn.Sequential(nn.Linear(td, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.stem = nn.Conv2d(2 * 3 * f * f, ch[0], 1)
+        # Each 16x16 token is a 4x4 patch: 96 input values (x_σ and source), 48 output values.
+        # A linear head from ch[0]=32 features cannot render colour x shape-mask products
+        # exactly (the patches come out as blurry colour mixtures); per-patch MLPs can.
+        pin, pout = 2 * 3 * f * f, 3 * f * f
+        self.stem = (nn.Conv2d(pin, ch[0], 1) if not cfg.stem_hidden else
+                     nn.Sequential(nn.Conv2d(pin, cfg.stem_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.stem_hidden, ch[0], 1)))
         # learned positional embeddings: cross-attention must link "at the middle right" to a place
         n0 = cfg.canvas // f
         self.pos_emb = nn.ParameterList(nn.Parameter(torch.randn(ch[i], n0 >> i, n0 >> i) * 0.02) for i in range(3))
@@ -225,13 +236,16 @@ class TinyEditNet(nn.Module):
         self.mid, self.mid_attn = ResBlock(ch[2], ch[2], emb), Attention(ch[2], td, cfg.heads)
         self.upconv = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 1) for i in range(2))
         self.up = nn.ModuleList(ResBlock(ch[i], ch[i], emb) for i in range(2))
-        self.up_attn = nn.ModuleList(Attention(ch[i], td, cfg.heads, self_attn=i > 0 or cfg.top_self_attn)
+        self.up_attn = nn.ModuleList(Attention(ch[i], td, cfg.heads, self_attn=i > 0 or cfg.top_self_attn,
+                                               self_heads=cfg.top_self_heads if i == 0 else 0)
                                      for i in range(2))
         self.out_norm = nn.GroupNorm(8, ch[0])
-        self.out = nn.Conv2d(ch[0], 3 * f * f, 1)
+        self.out = (nn.Conv2d(ch[0], pout, 1) if not cfg.head_hidden else
+                    nn.Sequential(nn.Conv2d(ch[0], cfg.head_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.head_hidden, pout, 1)))
         self.attns = [m for m in self.modules() if isinstance(m, Attention)]
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        last = self.out if isinstance(self.out, nn.Conv2d) else self.out[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         h = self.tok(ids) + self.pos[: ids.shape[1]]                                  # [B, L, D]
