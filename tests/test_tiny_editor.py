@@ -140,6 +140,25 @@ def test_save_load_round_trip_and_pickle_refused(tmp_path):
         TinyEditor.load(tmp_path / "junk.safetensors")
 
 
+@pytest.mark.parametrize("extra", [dict(top_self_attn=False), dict(top_self_heads=1),
+                                   dict(stem_hidden=24, head_hidden=40, top_self_heads=1)])
+def test_architecture_options_round_trip(tmp_path, extra):
+    cfg = TinyConfig(**{**SMALL.__dict__, **extra})
+    torch.manual_seed(0)
+    ed = TinyEditor(cfg)
+    for p in ed.net.parameters():  # zero-initialised output layers would hide a wiring bug
+        torch.nn.init.normal_(p, std=0.05)
+    ed.save(tmp_path / "m.safetensors")
+    back = TinyEditor.load(tmp_path / "m.safetensors")
+    assert back.cfg == cfg
+    src = images_to_tensor([render(session_scenes(sample_session(1, 0, GrammarConfig(turns=1)))[0])])
+    cond_a, cond_b = ed.encode(src, ["remove it"]), back.encode(src, ["remove it"])
+    x, sigma = torch.randn_like(src), torch.tensor([0.7])
+    va, vb = ed.velocity(x, sigma, cond_a), back.velocity(x, sigma, cond_b)
+    assert va.shape == src.shape and torch.equal(va, vb)
+    assert va.abs().sum() > 0
+
+
 def test_config_overrides_and_errors():
     cfg = load_config(PretrainConfig, "tiny-smoke", ["lr=3e-4", "model.channels=[8,16,16]", "max_steps=5"])
     assert cfg.lr == 3e-4 and cfg.model.channels == (8, 16, 16) and cfg.max_steps == 5
