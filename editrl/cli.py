@@ -254,6 +254,38 @@ def pretrain_cmd(
     emit(summary)
 
 
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="run folder (resumes if it holds a run)"),
+    config: Optional[str] = typer.Option(None, "--config", help="preset (shapes-nft, shapes-grpo) or YAML path"),
+) -> None:
+    """Multi-turn RL post-training (Flow-GRPO or DiffusionNFT); key=value arguments override the config.
+    Writes DIR/metrics.jsonl, DIR/state.safetensors (resumable) and DIR/final (load with --editor tiny:DIR/final)."""
+    from .config import load_config, to_dict
+    from .rl.train import TrainConfig, train
+
+    cfg = load_config(TrainConfig, config, list(ctx.args))
+    if out.exists() and not out.is_dir():
+        raise EditrlInputError(f"--out {out} exists and is not a folder")
+    err.print(f"{cfg.algorithm} post-training of {escape(cfg.init)} -> {escape(str(out))}")
+    with _progress() as prog:
+        task = prog.add_task("training", total=cfg.max_steps)
+
+        def on_progress(step: int, total: int, row: dict) -> None:
+            succ = [row[k] for k in sorted(row) if k.startswith("success/turn_")]
+            desc = f"{cfg.algorithm} reward {row.get('reward/fused', float('nan')):.3f} success/turn " + \
+                   " ".join(f"{v:.2f}" for v in succ)
+            prog.update(task, completed=step, description=desc)
+            if any(k.startswith("eval/") for k in row):
+                err.print({k: round(v, 3) for k, v in row.items() if k.startswith("eval/")})
+
+        summary = train(cfg, out, log=lambda m: err.print(escape(m)), progress=on_progress)
+    if "eval" in summary:
+        summary["eval"] = {"per_turn": summary["eval"]["per_turn"], "overall": summary["eval"]["overall"]}
+    emit(summary)
+
+
 # ----------------------------------------------------------------------------- bench
 
 bench_app = typer.Typer(add_completion=False, help="Run SUITE through EDITOR and judge every turn with JUDGE: writes "

@@ -1,0 +1,424 @@
+"""Multi-turn RL post-training of a flow editor over whole sessions (`editrl train`).
+
+The recipe, top to bottom (`train`):
+
+1. **Setup.** Config -> the policy θ (initialised from `init`, e.g. the shipped tiny editor),
+   for NFT the *old* policy (an EMA of θ that produces the rollouts), for a KL / reference
+   term a frozen copy of the initial weights, AdamW. `DIR/state.safetensors` holds model,
+   optimiser, old policy, step and wall time: a killed run resumes exactly (every random
+   draw below is a pure function of (seed, step)).
+2. **Rollout** (`rl.rollout.grouped_rollout`): B fresh ShapesWorld sessions x G trajectories
+   x K turns on the policy's own outputs. GRPO samples with the SDE and stores each window
+   step's log-probability; NFT samples with any solver and keeps each turn's clean output.
+3. **Reward.** Every turn of every trajectory is judged (`judges`: the exact program judge
+   on ShapesWorld; any Judge works); judge errors stay errors and mask their samples.
+4. **Advantages** (`rl.advantages.compute_advantages`): binary or graded scores, turn
+   aggregation, reward- or advantage-level fusion, broadcast or per-turn assignment,
+   trajectory and group filters; every masked share is logged.
+5. **Loss and update.** Flow-GRPO (`rl.flow_grpo.grpo_loss`, the stored transitions'
+   log-probabilities recomputed under θ) or DiffusionNFT (`rl.nft.nft_loss` on freshly
+   re-noised outputs, v_old from the old policy); gradient clipping; AdamW; for NFT the old
+   policy follows θ by EMA. A non-finite loss or reward skips the step with a logged reason.
+6. **Log, evaluate, checkpoint.** `metrics.jsonl` (reward per judge, success per turn, masked
+   shares, loss stats, KL, clip fraction, grad norm, seconds per phase); every `eval_every`
+   steps the policy is benchmarked on held-out sessions through the benchmark harness
+   (`DIR/eval/step_<n>/results.json`); `DIR/final/model.safetensors` at the end (load it
+   with `--editor tiny:DIR/final`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import flatten_optimizer, load_state, prefixed, save_state, unflatten_optimizer, unprefixed
+from ..config import to_dict
+from ..judges.base import JudgeRequest
+from ..judges.program import ProgramJudge
+from ..sampling import sde_step_with_logprob
+from ..session import EditrlInputError, atomic_write_text
+from ..world.grammar import GrammarConfig, sample_session, session_scenes
+from ..world.render import render
+from .advantages import AdvantageConfig, compute_advantages
+from .flow_grpo import grpo_loss, transition_kl
+from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
+from .rollout import Rollout, grouped_rollout
+
+TRAIN_SEED_OFFSET = 7_919          # training sessions: sample_session(seed + offset, step * B + i)
+EVAL_SEED = 2_024_000              # held-out sessions for periodic evaluation (never trained on)
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "nft"              # nft | grpo
+    init: str = "tiny"                  # editor to post-train: tiny (shipped) | tiny:PATH
+    seed: int = 0
+    # rollouts
+    sessions_per_step: int = 8          # B: sessions (groups) per step
+    group: int = 8                      # G: trajectories per session
+    turns: int = 3                      # K: turns per session (K = 1: single-turn training)
+    form: str = "explicit"              # text the editor sees: explicit | in_context
+    rollout_steps: int = 10             # T: denoising steps per edit
+    solver: str = "ode"                 # NFT rollout solver (GRPO always samples with the SDE)
+    noise_level: float = 0.7            # SDE noise level a (GRPO; NFT when solver = sde)
+    window: int = 0                     # GRPO: SDE window length (0 = every step but the last)
+    constraint_share: float = 0.3       # grammar: share of sessions with a global rule
+    pronoun_prob: float = 0.6           # grammar: chance of a pronoun where one is possible
+    # optimisation
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    minibatch: int = 64                 # samples per forward/backward (gradients are accumulated)
+    max_steps: int = 100
+    max_minutes: float = 0.0            # stop after this wall time (0 = no limit)
+    threads: int = 0                    # torch threads (0 = all cores)
+    # rewards -> advantages
+    adv: AdvantageConfig = field(default_factory=AdvantageConfig)
+    # Flow-GRPO
+    clip_range: float = 1e-3            # PPO clip on the per-step likelihood ratio
+    kl_beta: float = 0.0                # KL to the initial policy (reference)
+    # DiffusionNFT
+    nft_beta: float = 1.0               # implicit-policy mixing β
+    nft_adaptive: bool = True           # x0-space errors with the stop-gradient adaptive weight
+    nft_sigma_min: float = 0.05         # re-noising σ ~ U(nft_sigma_min, 1)
+    nft_ref_weight: float = 0.0         # λ_ref·‖v_θ − v_ref‖²
+    old_decay_max: float = 0.5          # old policy = EMA of θ with decay ramped up to this ...
+    old_decay_ramp: float = 20.0        # ... over this many steps
+    # evaluation and checkpoints
+    eval_every: int = 0                 # benchmark the policy every N steps (0 = only at the end)
+    eval_sessions: int = 64
+    eval_steps: int = 10
+    final_eval: bool = True
+    ckpt_every: int = 5
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("nft", "grpo"):
+            raise ValueError(f"algorithm must be nft or grpo, got {self.algorithm!r}")
+        if self.form not in ("explicit", "in_context"):
+            raise ValueError(f"form must be explicit or in_context, got {self.form!r}")
+        if self.solver not in ("ode", "sde"):
+            raise ValueError(f"solver must be ode or sde, got {self.solver!r}")
+        for name in ("sessions_per_step", "group", "turns", "rollout_steps", "minibatch", "max_steps",
+                     "ckpt_every", "log_every", "eval_sessions", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.group < 2:
+            raise ValueError("group must be at least 2 (advantages compare trajectories within a group)")
+        if not 0 <= self.window <= self.rollout_steps - 1:
+            raise ValueError(f"window must be in 0..rollout_steps-1 = {self.rollout_steps - 1}")
+        if not 0 < self.nft_sigma_min < 1:
+            raise ValueError("nft_sigma_min must be in (0, 1)")
+        if self.lr <= 0 or self.clip_range <= 0 or self.nft_beta <= 0:
+            raise ValueError("lr, clip_range and nft_beta must be positive")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def training_sessions(cfg: TrainConfig, step: int) -> list:
+    """The B sessions of `step`: a pure function of (seed, step), disjoint from evaluation."""
+    g = GrammarConfig(turns=cfg.turns, constraint_share=cfg.constraint_share, pronoun_prob=cfg.pronoun_prob)
+    B = cfg.sessions_per_step
+    return [sample_session(cfg.seed + TRAIN_SEED_OFFSET, step * B + i, g) for i in range(B)]
+
+
+def step_generator(cfg: TrainConfig, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, stream]).generate_state(1)[0]))
+
+
+def judge_rollout(judge, sessions, ro: Rollout) -> list[list[list]]:
+    """verdicts[b][g][k] for every turn the session has (the judge sees the trajectory's images)."""
+    reqs, where = [], []
+    for b, s in enumerate(sessions):
+        for g in range(ro.G):
+            imgs = ro.images[b][g]
+            for k in range(1, s.n_turns + 1):
+                reqs.append(JudgeRequest(s, k, imgs[: k + 1]))
+                where.append((b, g, k))
+    out = judge.judge(reqs)
+    verdicts: list[list[list]] = [[[None] * s.n_turns for _ in range(ro.G)] for s in sessions]
+    for (b, g, k), v in zip(where, out):
+        verdicts[b][g][k - 1] = v
+    return verdicts
+
+
+def _chunks(idx: torch.Tensor, n: int):
+    for i in range(0, len(idx), n):
+        yield idx[i: i + n]
+
+
+def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor, mask: torch.Tensor,
+               gen: torch.Generator) -> dict[str, float]:
+    """Accumulate the DiffusionNFT gradient over every trained (b, g, k) sample."""
+    B, G, K = A.shape
+    r_all = optimality_weight(A, cfg.adv.adv_clip or 5.0)                             # [B, G, K]
+    rows = [(k, i) for k in range(K) for i in range(B * G) if bool(mask.view(B * G, K)[i, k])]
+    n = len(rows)
+    stats: dict[str, float] = {"nft/samples": float(n)}
+    if n == 0:
+        return stats
+    sums: dict[str, float] = {}
+    for chunk_start in range(0, n, cfg.minibatch):
+        chunk = rows[chunk_start: chunk_start + cfg.minibatch]
+        by_turn: dict[int, list[int]] = {}
+        for k, i in chunk:
+            by_turn.setdefault(k, []).append(i)
+        for k, ids in by_turn.items():
+            tb = ro.turns[k]
+            sel = torch.tensor(ids)
+            x0 = tb.outputs[sel]                                                       # [n, C, H, W]
+            src = tb.inputs[sel]
+            texts = [tb.texts[i] for i in ids]
+            ctxs = [tb.contexts[i] for i in ids]
+            r = r_all.view(B * G, K)[sel, k]                                           # [n]
+            sigma = cfg.nft_sigma_min + (1 - cfg.nft_sigma_min) * torch.rand(len(ids), generator=gen)  # [n]
+            eps = torch.randn(x0.shape, generator=gen)                                 # [n, C, H, W]
+            s = sigma.view(-1, 1, 1, 1)
+            x_sigma = (1 - s) * x0 + s * eps
+            with torch.no_grad():
+                v_old = old.velocity(x_sigma, sigma, old.encode(src, texts, ctxs))
+                v_ref = (ref.velocity(x_sigma, sigma, ref.encode(src, texts, ctxs))
+                         if ref is not None and cfg.nft_ref_weight > 0 else None)
+            v_theta = policy.velocity(x_sigma, sigma, policy.encode(src, texts, ctxs))
+            loss, st = nft_loss(v_theta, v_old, x_sigma, sigma, x0, eps, r, cfg.nft_beta, cfg.nft_adaptive,
+                                v_ref=v_ref, ref_weight=cfg.nft_ref_weight)
+            (loss * len(ids) / n).backward()
+            for key, val in st.items():
+                sums[key] = sums.get(key, 0.0) + float(val) * len(ids)
+    stats.update({f"nft/{k}": v / n for k, v in sums.items() if k != "n_active"})
+    return stats
+
+
+def grpo_update(cfg: TrainConfig, policy, ref, ro: Rollout, A: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Accumulate the Flow-GRPO gradient over every stored in-window transition of every trained turn."""
+    B, G, K = A.shape
+    items = []  # (k, row, step index s)
+    for k in range(K):
+        tr = ro.turns[k].transitions
+        if tr is None:
+            continue
+        for i in range(B * G):
+            if not bool(mask.view(B * G, K)[i, k]):
+                continue
+            for s in range(tr.x.shape[1]):
+                if bool(tr.in_window[i, s]):
+                    items.append((k, i, s))
+    n = len(items)
+    stats: dict[str, float] = {"grpo/transitions": float(n)}
+    if n == 0:
+        return stats
+    sums: dict[str, float] = {}
+    for start in range(0, n, cfg.minibatch):
+        chunk = items[start: start + cfg.minibatch]
+        by_turn: dict[int, list[tuple[int, int]]] = {}
+        for k, i, s in chunk:
+            by_turn.setdefault(k, []).append((i, s))
+        for k, pairs in by_turn.items():
+            tb, tr = ro.turns[k], ro.turns[k].transitions
+            ri = torch.tensor([p[0] for p in pairs])
+            si = torch.tensor([p[1] for p in pairs])
+            x, x_next = tr.x[ri, si], tr.x_next[ri, si]                               # [n, C, H, W]
+            sigma, sigma_next = tr.sigma[ri, si], tr.sigma_next[ri, si]               # [n]
+            texts = [tb.texts[i] for i in ri.tolist()]
+            ctxs = [tb.contexts[i] for i in ri.tolist()]
+            src = tb.inputs[ri]
+            sig1 = policy.sigmas(cfg.rollout_steps)[1]
+            v = policy.velocity(x, sigma, policy.encode(src, texts, ctxs))
+            st = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level=cfg.noise_level, prev_sample=x_next,
+                                       sigma_max_fallback=sig1)
+            adv = A.view(B * G, K)[ri, k]                                              # [n]
+            kl = None
+            if ref is not None and cfg.kl_beta > 0:
+                with torch.no_grad():
+                    v_ref = ref.velocity(x, sigma, ref.encode(src, texts, ctxs))
+                    ref_mean = sde_step_with_logprob(x, v_ref, sigma, sigma_next, noise_level=cfg.noise_level,
+                                                     prev_sample=x_next, sigma_max_fallback=sig1).mean
+                kl = transition_kl(st.mean, ref_mean, st.std)
+            loss, stt = grpo_loss(st.log_prob, tr.log_prob[ri, si], adv, cfg.clip_range, cfg.adv.adv_clip or 5.0,
+                                  kl=kl, beta=cfg.kl_beta)
+            (loss * len(pairs) / n).backward()
+            for key, val in stt.items():
+                if key in ("ratio_max",):
+                    sums[key] = max(sums.get(key, 0.0), float(val))
+                else:
+                    sums[key] = sums.get(key, 0.0) + float(val) * len(pairs)
+    stats.update({f"grpo/{k}": (v if k == "ratio_max" else v / n) for k, v in sums.items() if k != "n_active"})
+    return stats
+
+
+# ------------------------------------------------------------------------------ recipe
+
+def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] = print,
+          progress: Callable[[int, int, dict], None] | None = None, stop_at: int | None = None) -> dict[str, Any]:
+    """Run (or resume) RL post-training in `out`; returns a summary."""
+    from ..editors import load_editor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    mode = "in_context" if cfg.form == "in_context" else "explicit"
+
+    # 1. setup
+    policy = load_editor(cfg.init, mode=mode)
+    if not hasattr(policy, "net"):
+        raise EditrlInputError(f"editor {cfg.init!r} has no trainable network")
+    old = copy.deepcopy(policy) if cfg.algorithm == "nft" else None
+    needs_ref = cfg.kl_beta > 0 or cfg.nft_ref_weight > 0
+    ref = copy.deepcopy(policy) if needs_ref else None
+    for m in (old, ref):
+        if m is not None:
+            m.net.eval()
+            m.net.requires_grad_(False)
+    params = [p for p in policy.trainable_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    judge = ProgramJudge()
+    step, elapsed = 0, 0.0
+    state_path, metrics_path = out / "state.safetensors", out / "metrics.jsonl"
+    if state_path.exists():
+        tensors, meta = load_state(state_path)
+        if _resumable(meta.get("config")) != _resumable(to_dict(cfg)):
+            raise EditrlInputError(f"{out} holds a run with a different config; use a new --out or the same settings")
+        policy.net.load_state_dict(unprefixed(tensors, "model"))
+        if old is not None:
+            old.net.load_state_dict(unprefixed(tensors, "old"))
+        unflatten_optimizer(opt, tensors, meta["optimizer"])
+        step, elapsed = int(meta["step"]), float(meta["elapsed"])
+        _truncate_metrics(metrics_path, step)
+        log(f"resumed from step {step}")
+    atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    def save() -> None:
+        opt_t, opt_meta = flatten_optimizer(opt)
+        tensors = {**prefixed(policy.net.state_dict(), "model"), **opt_t}
+        if old is not None:
+            tensors.update(prefixed(old.net.state_dict(), "old"))
+        save_state(state_path, tensors, {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta})
+
+    t_start = time.time() - elapsed
+    last: dict[str, Any] = {}
+    evals: dict[int, Any] = {}
+    while step < cfg.max_steps and (stop_at is None or step < stop_at):
+        if cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes:
+            log(f"max_minutes={cfg.max_minutes} reached at step {step}")
+            break
+        row: dict[str, Any] = {"step": step + 1}
+        # 2. rollout
+        t0 = time.time()
+        sessions = training_sessions(cfg, step)
+        sources = [render(session_scenes(s)[0]) for s in sessions]
+        actor = old if cfg.algorithm == "nft" else policy
+        actor.net.eval()
+        grpo = cfg.algorithm == "grpo"
+        ro = grouped_rollout(actor, sessions, sources, cfg.group, cfg.turns, form=cfg.form, steps=cfg.rollout_steps,
+                             solver="sde" if grpo else cfg.solver, noise_level=cfg.noise_level,
+                             window=(cfg.window or None) if grpo else None, store=grpo,
+                             generator=step_generator(cfg, step, 0))
+        t1 = time.time()
+        # 3. rewards
+        verdicts = judge_rollout(judge, sessions, ro)
+        t2 = time.time()
+        # 4. advantages
+        adv = compute_advantages(verdicts, cfg.adv)
+        row.update(adv.stats)
+        # 5. loss and update
+        policy.net.train()
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(adv.A).all():
+            row["skipped"] = "non-finite advantage"
+        else:
+            if grpo:
+                row.update(grpo_update(cfg, policy, ref, ro, adv.A, adv.mask))
+            else:
+                row.update(nft_update(cfg, policy, old, ref, ro, adv.A, adv.mask, step_generator(cfg, step, 1)))
+            grads = [p.grad for p in params if p.grad is not None]
+            finite = all(torch.isfinite(g).all() for g in grads)
+            if not grads:
+                row["skipped"] = "no trained sample (all masked)"
+            elif not finite:
+                row["skipped"] = "non-finite gradient"
+            else:
+                row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                opt.step()
+                if old is not None:
+                    ema_update_(old.net.parameters(), policy.net.parameters(),
+                                old_policy_decay(step, cfg.old_decay_max, cfg.old_decay_ramp))
+        opt.zero_grad(set_to_none=True)
+        policy.net.eval()
+        t3 = time.time()
+        if "skipped" in row:
+            log(f"step {step + 1}: skipped ({row['skipped']})")
+        step += 1
+        elapsed = time.time() - t_start
+        row.update({"time/rollout_s": round(t1 - t0, 3), "time/reward_s": round(t2 - t1, 3),
+                    "time/update_s": round(t3 - t2, 3), "elapsed_min": round(elapsed / 60, 3)})
+        # 6. evaluate, log, checkpoint
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log)
+            evals[step] = res
+            row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            _append_metrics(metrics_path, row)
+        last = row
+        if progress:
+            progress(step, cfg.max_steps, row)
+        if step % cfg.ckpt_every == 0:
+            save()
+    save()
+    final = out / "final"
+    final.mkdir(exist_ok=True)
+    policy.save(final / "model.safetensors", extra_meta={"rl_steps": str(step), "rl_algorithm": cfg.algorithm,
+                                                         "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": cfg.init})
+    summary: dict[str, Any] = {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2),
+                               "final": str(final), "last": last}
+    if cfg.final_eval and (stop_at is None or step >= cfg.max_steps):
+        summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log)
+    return summary
+
+
+def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Benchmark the current policy on held-out sessions through the benchmark harness."""
+    from ..bench import BenchConfig, run_bench
+
+    tmp = out / "model.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    policy.save(tmp)
+    bc = BenchConfig(suite="shapes", editor=f"tiny:{tmp}", judge="program", out=out, sessions=cfg.eval_sessions,
+                     turns=cfg.turns, seed=EVAL_SEED + cfg.seed, form=cfg.form, steps=cfg.eval_steps, no_cache=True,
+                     bootstrap=200, strips=8)
+    run_bench(bc, log=lambda m: None)
+    return json.loads((out / "results.json").read_text())
+
+
+def _resumable(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Settings a resumed run must share with its start (all but the wall-clock budget and step cap)."""
+    return None if cfg is None else {k: v for k, v in cfg.items() if k not in ("max_minutes", "max_steps")}
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
