@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from editrl.session import CHECKS, Session, session_to_json
 from editrl.world.check import FAULTS, add_texture, make_fault, run_check
@@ -27,8 +28,20 @@ from editrl.world.grammar import (
     sample_session,
     session_scenes,
 )
-from editrl.world.parse import parse
-from editrl.world.render import degrade, render
+from editrl.world.parse import (
+    _PALETTE,
+    COLORS_NAMES,
+    HOLLOW_LEVEL,
+    MIN_IOU,
+    N_OBJ_COLORS,
+    PALETTE_NAMES,
+    PRESENT_DISTANCE,
+    PRESENT_MIN_PIXELS,
+    RESIDUE_THRESHOLD,
+    TEXTURE_THRESHOLD,
+    parse,
+)
+from editrl.world.render import degrade, object_mask, render, shape_mask
 from editrl.world.scene import (
     BACKGROUNDS,
     CELL_NAMES,
@@ -39,11 +52,12 @@ from editrl.world.scene import (
     ROWS,
     SHAPES,
     SIZES,
+    Geometry,
     Obj,
     Scene,
     apply_edit,
 )
-from editrl.world.verify import judge_turn
+from editrl.world.verify import _footprint, diff_attrs, judge_turn, match
 
 SINGLE = ("add", "replace", "color", "material", "size", "position")   # edits of exactly one object
 TARGETED = ("remove", "replace", "color", "material", "size", "position")  # named by a referring expression
@@ -156,6 +170,162 @@ def test_render_is_exact_and_deterministic():
     assert np.array_equal(a, b)
     palette = {tuple(c) for c in list(COLORS.values()) + list(BACKGROUNDS.values())}
     assert {tuple(px) for px in a.reshape(-1, 3)} <= palette     # alias-free: only palette colours
+
+
+# ========================================================= parse against the direct formulation
+
+def _reference_classify(comp, tmap, cx, cy, geom):
+    h, w = comp.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    dx, dy = xs - cx, ys - cy
+    filled = ndimage.binary_fill_holes(comp)
+    best = (None, None, 0.0)
+    for shape in SHAPES:
+        for size in SIZES:
+            t = shape_mask(shape, "solid", geom.half(size), dx, dy)
+            iou = np.count_nonzero(filled & t) / max(1, np.count_nonzero(filled | t))
+            if iou > best[2]:
+                best = (shape, size, iou)
+    shape, size, iou = best
+    if shape is None or iou < MIN_IOU:
+        return None, None, None, iou
+    r = geom.half(size)
+    hole = shape_mask(shape, "solid", r, dx, dy) & ~shape_mask(shape, "hollow", r, dx, dy)
+    level = float(tmap[hole].mean()) if hole.any() else 1.0
+    return shape, size, "solid" if level > HOLLOW_LEVEL else "hollow", float(iou)
+
+
+def _reference_parse(img, canvas=None):
+    """parse() written directly (numpy reductions over short rows, scipy morphology on whole
+    images, templates rebuilt per component): the optimised parse must match it to the bit."""
+    H, W, _ = img.shape
+    geom = Geometry(canvas or H)
+    x = img.astype(np.float32) / 255.0
+    flat, pal = x.reshape(-1, 3), _PALETTE / 255.0
+    d2 = (flat ** 2).sum(1, keepdims=True) - 2.0 * flat @ pal.T + (pal ** 2).sum(1)[None]
+    nearest = d2.argmin(1)
+    lab = nearest.reshape(H, W)
+    ring = max(1, int(round(geom.margin)))
+    border = np.concatenate([lab[:ring].ravel(), lab[-ring:].ravel(), lab[:, :ring].ravel(), lab[:, -ring:].ravel()])
+    bg_idx = int(np.bincount(border, minlength=len(PALETTE_NAMES)).argmax())
+    close = d2[np.arange(nearest.size), nearest] < PRESENT_DISTANCE ** 2
+    confident = np.bincount(nearest[close], minlength=len(PALETTE_NAMES))
+    present = [ci for ci in range(N_OBJ_COLORS) if ci != bg_idx and confident[ci] >= PRESENT_MIN_PIXELS]
+    square, objects = np.ones((3, 3), bool), []
+    if present:
+        axes, rel = pal[present] - pal[bg_idx], flat - pal[bg_idx]
+        t_all = (rel @ axes.T) / (axes ** 2).sum(1)[None]
+        tc = np.clip(t_all, 0.0, 1.0)
+        best = ((rel[:, None, :] - tc[..., None] * axes[None]) ** 2).sum(-1).argmin(1)
+        owner = np.where(t_all[np.arange(best.size), best] > 0.5, best + 1, 0).reshape(H, W)
+    for pi, ci in enumerate(present, start=1):
+        member = owner == pi
+        rows, cols = np.flatnonzero(member.any(1)), np.flatnonzero(member.any(0))
+        r0, r1, c0, c1 = max(0, rows[0] - 2), min(H, rows[-1] + 3), max(0, cols[0] - 2), min(W, cols[-1] + 3)
+        member[r0:r1, c0:c1] = ndimage.binary_closing(member[r0:r1, c0:c1], structure=square)
+        comps, _ = ndimage.label(member, structure=square)
+        tmap, sizes = t_all[:, pi - 1].reshape(H, W), np.bincount(comps.ravel())
+        for k, sl in enumerate(ndimage.find_objects(comps), start=1):
+            if sl is None or sizes[k] < max(4, int(15 * geom.scale ** 2)):
+                continue
+            x0, x1, y0, y1 = sl[1].start, sl[1].stop - 1, sl[0].start, sl[0].stop - 1
+            cx, cy = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0
+            pad = int(round(3 * geom.scale))
+            X0, Y0, X1, Y1 = max(0, x0 - pad), max(0, y0 - pad), min(W, x1 + pad + 1), min(H, y1 + pad + 1)
+            crop = comps[Y0:Y1, X0:X1] == k
+            shape, size, fill, iou = _reference_classify(crop, tmap[Y0:Y1, X0:X1], cx - X0, cy - Y0, geom)
+            cell = geom.cell_of(cx, cy)
+            if cell is not None and max(abs(cx - geom.center(cell)[0]), abs(cy - geom.center(cell)[1])) > 3 * geom.scale:
+                cell = None
+            full = np.zeros((H, W), bool)
+            full[Y0:Y1, X0:X1] = crop
+            objects.append((COLORS_NAMES[ci], shape, size, fill, cell, (cx, cy), (x0, y0, x1, y1), int(sizes[k]), iou, full))
+    dilate = lambda m, k: ndimage.maximum_filter(m, size=2 * k + 1, mode="constant", cval=False)  # noqa: E731
+    free = ~dilate(lab != bg_idx, max(1, int(round(2 * geom.scale))))
+    bg_rgb = np.median(x[free] if free.any() else x.reshape(-1, 3), axis=0)
+    diff = ndimage.uniform_filter(x - bg_rgb, size=(3, 3, 1), mode="nearest")
+    dev = np.sqrt((diff ** 2).sum(-1))
+    excl = dilate(np.logical_or.reduce([o[-1] for o in objects] + [np.zeros((H, W), bool)]),
+                  max(1, int(round(3 * geom.scale))))
+    residue = []
+    comps, _ = ndimage.label((dev > RESIDUE_THRESHOLD) & ~excl, structure=square)
+    for k, sl in enumerate(ndimage.find_objects(comps), start=1):
+        m = comps[sl] == k
+        if m.sum() >= max(4, int(8 * geom.scale ** 2)):
+            full = np.zeros((H, W), bool)
+            full[sl] = m
+            cx, cy = (sl[1].start + sl[1].stop) / 2.0, (sl[0].start + sl[0].stop) / 2.0
+            residue.append((geom.cell_of(cx, cy), (cx, cy), int(m.sum()), float(dev[full].max()), full))
+    texture = float((dev[~excl] > TEXTURE_THRESHOLD).mean()) if (~excl).any() else 0.0
+    return PALETTE_NAMES[bg_idx] if bg_idx >= N_OBJ_COLORS else None, objects, residue, texture
+
+
+def _regression_images() -> list[tuple[str, np.ndarray, int]]:
+    """A few dozen images that reach every branch of parse: ground truth clean and degraded,
+    faults (ghost, moved object), texture, other canvases, noise, colour blobs cut by the
+    image's edges and a background that is an object colour."""
+    out = []
+    for i in range(3):
+        s = sample_session(21, i, GrammarConfig(turns=3))
+        scenes = session_scenes(s)
+        rng = np.random.default_rng([21, i])
+        for k in range(1, 4):
+            img = render(scenes[k])
+            out += [(f"s{i} turn {k}", img, 64), (f"s{i} turn {k} degraded", degrade(img, rng), 64)]
+        for fault in ("ghost", "other_moved", "wrong_fill"):
+            for k in range(1, 4):
+                img = make_fault(fault, s, k, scenes, rng)
+                if img is not None:
+                    out.append((f"s{i} {fault}", degrade(img, rng, blur=(0.8, 1.3), noise=0.08), 64))
+                    break
+        out.append((f"s{i} texture", degrade(add_texture(render(scenes[1]), rng), rng), 64))
+    for canvas in (48, 100):
+        s = sample_session(22, 0, GrammarConfig(turns=2, canvas=canvas))
+        img = render(session_scenes(s)[2])
+        out += [(f"canvas {canvas}", img, canvas), (f"canvas {canvas} degraded", degrade(img, np.random.default_rng(canvas)), canvas)]
+    rng = np.random.default_rng(23)
+    palette = list(COLORS.values()) + list(BACKGROUNDS.values())
+    out.append(("noise", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), 64))
+    out.append(("object-colour background", np.full((64, 64, 3), COLORS["red"], np.uint8), 64))
+    for j in range(5):
+        img = np.empty((64, 64, 3), np.uint8)
+        img[:] = palette[6 + j % 3]
+        for _ in range(8):
+            y, x = rng.integers(0, 60, 2)
+            h, w = rng.integers(3, 20, 2)
+            img[y:y + h, x:x + w] = palette[int(rng.integers(6))]
+        img[40 + j:58, 56 + j:] = palette[j]                        # cut by the right edge
+        out.append((f"blobs {j}", degrade(img, rng) if j % 2 else img, 64))
+    return out
+
+
+def test_parse_matches_the_direct_formulation():
+    images = _regression_images()
+    assert any(d.bbox[2] == c - 2 for _, img, c in images for d in parse(img, c).objects)  # closed at the edge
+    for what, img, canvas in images:
+        p = parse(img, canvas)
+        background, objects, residue, texture = _reference_parse(img, canvas)
+        assert p.background == background and p.canvas == canvas, what
+        assert p.texture_fraction == texture, what
+        assert len(p.objects) == len(objects), what
+        for d, ref in zip(p.objects, objects):
+            assert (d.color, d.shape, d.size, d.fill, d.cell, d.center, d.bbox, d.area, d.iou) == ref[:-1], what
+            assert np.array_equal(d.mask, ref[-1]), what
+        assert [(r.cell, r.center, r.area, r.peak) for r in p.residue] == [r[:-1] for r in residue], what
+        assert all(np.array_equal(r.mask, ref[-1]) for r, ref in zip(p.residue, residue)), what
+
+
+def test_judge_footprint_cache_and_matching_are_the_direct_ones():
+    geom = Geometry(64)
+    for o in (Obj(0, "triangle", "red", "large", "hollow", 0), Obj(1, "circle", "blue", "small", "solid", 8)):
+        direct = ndimage.binary_dilation(object_mask(o, geom), iterations=2)
+        assert np.array_equal(_footprint(o.shape, o.fill, o.size, o.cell, 64), direct)
+    for what, img, canvas in _regression_images()[:12]:
+        s = sample_session(21, int(what[1]), GrammarConfig(turns=3))
+        expected, parsed = session_scenes(s)[-1], parse(img, canvas)
+        matched, extras = match(expected, parsed)
+        assert all(len(diff_attrs(o, matched[o.id])) <= 3 for o in expected.objects if matched[o.id] is not None)
+        assert len(extras) == len(parsed.objects) - sum(d is not None for d in matched.values())
 
 
 # ============================================================================ grammar

@@ -15,11 +15,20 @@
    object) pass as background, so the parser also measures each pixel's distance to the
    image's own background colour (median, so colour shifts cancel), with the difference smoothed
    over 3x3 to average out noise; blobs above a threshold away from detected objects are residue.
+
+Implementation: numpy costs per call, so the work is arranged in few calls on long rows.
+Per-pixel quantities are planes ([P, H*W], never [H*W, P] reduced over P); blend-line
+distances are computed only for pixels past some line's midpoint; the colours, cut out
+around their pixels, are closed and labelled as one stack, and the components are
+hole-filled as one stack and scored against every template in one product; templates are
+built once per canvas. Every step yields the same values, to the bit, as the direct
+formulation (`_reference_parse` in tests/test_world.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -30,6 +39,7 @@ from .scene import BACKGROUNDS, COLORS, SHAPES, SIZES, Geometry
 PALETTE_NAMES: tuple[str, ...] = tuple(COLORS) + tuple(BACKGROUNDS)
 N_OBJ_COLORS = len(COLORS)
 _PALETTE = np.asarray([*COLORS.values(), *BACKGROUNDS.values()], np.float32)  # [P, 3]
+COLORS_NAMES: tuple[str, ...] = tuple(COLORS)
 
 RESIDUE_THRESHOLD = 0.08   # smoothed RGB distance (on [0, 1]) that counts as residue
 TEXTURE_THRESHOLD = 0.06   # smoothed distance that counts against graded CC's pixel term
@@ -74,38 +84,290 @@ class Parsed:
     canvas: int
 
 
-def _classify(comp: np.ndarray, tmap: np.ndarray, cx: float, cy: float,
-              geom: Geometry) -> tuple[str | None, str | None, str | None, float]:
-    """Best (shape, size) by IoU of the hole-filled component against solid templates;
-    fill from `tmap` (per-pixel position on the background->colour line, 0 = background,
-    1 = object colour) averaged over the template's hole: a blurred small hole still reads
-    well below 1, while palette snapping would fill it in."""
-    h, w = comp.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
-    dx, dy = xs - cx, ys - cy
-    filled = ndimage.binary_fill_holes(comp)
-    best = (None, None, 0.0)
-    for shape in SHAPES:
-        for size in SIZES:
-            t = shape_mask(shape, "solid", geom.half(size), dx, dy)
-            inter = np.count_nonzero(filled & t)
-            iou = inter / max(1, np.count_nonzero(filled | t))
-            if iou > best[2]:
-                best = (shape, size, iou)
-    shape, size, iou = best
-    if shape is None or iou < MIN_IOU:
-        return None, None, None, iou
-    r = geom.half(size)
-    hole = shape_mask(shape, "solid", r, dx, dy) & ~shape_mask(shape, "hollow", r, dx, dy)
-    level = float(tmap[hole].mean()) if hole.any() else 1.0
-    fill = "solid" if level > HOLLOW_LEVEL else "hollow"
-    return shape, size, fill, float(iou)
+_PAL = _PALETTE / 255.0                                      # [P, 3] on [0, 1]
+_PAL_SQ = (_PAL ** 2).sum(1)                                 # [P]
+_LEVELS = np.arange(256, dtype=np.float32) / 255.0           # uint8 value -> pixel value on [0, 1]
+_SQUARE = np.ones((3, 3), bool)                              # 8-connectivity
+_CROSS = ndimage.generate_binary_structure(2, 1)             # 4-connectivity (binary_fill_holes' default)
+_STACK_SQUARE = np.stack([np.zeros((3, 3), bool), _SQUARE, np.zeros((3, 3), bool)])  # per plane of a stack
+_STACK_CROSS = np.stack([np.zeros((3, 3), bool), _CROSS, np.zeros((3, 3), bool)])
+_KINDS = tuple((shape, size) for shape in SHAPES for size in SIZES)   # template order (first best IoU wins)
 
+
+# ------------------------------------------------------------------------ small exact helpers
+
+def _argmin0(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(d.argmin(0), d.min(0)) of a C-ordered [K, N] array: the first minimum on ties.
+    (numpy's argmin over the first axis of a short, wide array is ~10x slower.)"""
+    dmin = np.minimum.reduce(d, axis=0)                                          # [N]
+    first = np.arange(len(d), 0, -1, dtype=np.uint8)[:, None]                    # [K, 1] K..1
+    return len(d) - ((d == dmin) * first).max(0), dmin
+
+
+def _mean32(v: np.ndarray) -> float:
+    """float(v.mean()) of a non-empty 1-D float32 array (float32 sum, divided in float64,
+    rounded to float32), without np.mean's Python overhead."""
+    return float(np.float32(float(np.add.reduce(v)) / len(v)))
+
+
+@lru_cache(maxsize=16)
+def _border(size: int, ring: int) -> np.ndarray:
+    """Flat indices of the `ring`-px border of a size x size image (corners twice)."""
+    i = np.arange(size * size).reshape(size, size)
+    return np.concatenate([i[:ring].ravel(), i[-ring:].ravel(), i[:, :ring].ravel(), i[:, -ring:].ravel()])
+
+
+@lru_cache(maxsize=32)
+def _tiled(colour: int, n: int) -> np.ndarray:
+    """Palette entry `colour` repeated n times, [n * 3]: subtracting it from a flattened
+    [n, 3] array is the broadcast `flat - _PAL[colour]`, at the speed of a contiguous op."""
+    out = np.tile(_PAL[colour], n)
+    out.flags.writeable = False
+    return out
+
+
+# ------------------------------------------------------------------------ pixel level
+
+def _snap(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest palette entry of every pixel of [HW, 3] (the first on ties) and its squared distance."""
+    f0, f1, f2 = flat.T
+    sq = (f0 * f0 + f1 * f1) + f2 * f2                                          # [HW] = (flat ** 2).sum(1)
+    cross = np.ascontiguousarray(((2.0 * flat) @ _PAL.T).T)                     # [P, HW]
+    return _argmin0((sq - cross) + _PAL_SQ[:, None])                            # squared distances [P, HW]
+
+
+def _owners(flat: np.ndarray, bg_idx: int, present: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Which pixels belong to each colour of `present`, [Pp, HW] bool, and every pixel's
+    position t on each background->colour line (0 = background, 1 = colour), [Pp, HW]. A
+    pixel belongs to the line it is closest to (t clipped to [0, 1]) when past that line's
+    midpoint, so only pixels past some line's midpoint need the distances."""
+    axes = _PAL[present] - _PAL[bg_idx]                                         # [Pp, 3]
+    rel = (flat.ravel() - _tiled(bg_idx, len(flat))).reshape(-1, 3)             # [HW, 3] = flat - bg
+    t = np.ascontiguousarray((rel @ axes.T).T) / (axes ** 2).sum(1)[:, None]    # [Pp, HW]
+    past = t > 0.5
+    if len(axes) == 1:
+        return past, t
+    idx = np.logical_or.reduce(past, axis=0).nonzero()[0]                       # [n]
+    tc = np.minimum(np.maximum(t[:, idx], 0.0), 1.0)                            # [Pp, n] = np.clip(t, 0, 1)
+    rel = rel[idx]                                                              # [n, 3]
+    e0, e1, e2 = (rel[:, c] - tc * axes[:, c, None] for c in range(3))          # [Pp, n] per channel
+    best = ((e0 * e0 + e1 * e1) + e2 * e2).argmin(0)                            # squared distances [Pp, n]
+    members = np.zeros(t.shape, bool)
+    members[best, idx] = past[best, idx]
+    return members, t
+
+
+def _median_rgb(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """np.median(x[sel], axis=0) for x = img / 255 in float32, from per-channel histograms
+    (the median of 8-bit values is one of 256 levels; an even count averages two in float32)."""
+    idx = np.flatnonzero(sel)
+    n = len(idx)
+    cum = np.stack([np.bincount(ch[idx], minlength=256) for ch in img.reshape(-1, 3).T]).cumsum(1)  # [3, 256]
+    hi = _LEVELS[(cum <= n // 2).sum(1)]                                        # order statistic n // 2
+    if n % 2:
+        return hi
+    return (_LEVELS[(cum <= n // 2 - 1).sum(1)] + hi) / np.float32(2)
+
+
+def _box3(planes: np.ndarray) -> np.ndarray:
+    """3x3 mean of every plane of [C, H, W], edges repeated: ndimage.uniform_filter(...,
+    size=(3, 3), mode="nearest") per plane, rows first."""
+    out = ndimage.uniform_filter1d(planes, 3, axis=1, mode="nearest")
+    return ndimage.uniform_filter1d(out, 3, axis=2, output=out, mode="nearest")
+
+
+# ------------------------------------------------------------------------ morphology
 
 def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
-    """Dilation by a (2k+1)-square, the same as k iterations of a 3x3 dilation."""
-    return ndimage.maximum_filter(mask, size=2 * k + 1, mode="constant", cval=False)
+    """Dilation of [..., H, W] by a (2k+1)-square (outside = False), the same as k
+    iterations of a 3x3 dilation. Rows are padded with k False columns, so that shifting
+    the flattened array by up to k never carries a pixel into the next row."""
+    *lead, h, w = mask.shape
+    padded = np.zeros((*lead, h, w + k), bool)
+    padded[..., :w] = mask
+    flat = padded.ravel()
+    cols = flat.copy()
+    for s in range(1, k + 1):
+        cols[s:] |= flat[:-s]
+        cols[:-s] |= flat[s:]
+    cols = cols.reshape(padded.shape)
+    out = cols.copy()
+    for s in range(1, k + 1):
+        out[..., s:, :] |= cols[..., :-s, :]
+        out[..., :-s, :] |= cols[..., s:, :]
+    return out[..., :w]
 
+
+def _erode3(mask: np.ndarray) -> np.ndarray:
+    """Erosion of [..., H, W] by a 3x3 square, outside = False (edge pixels never survive)."""
+    *lead, h, w = mask.shape
+    padded = np.zeros((*lead, h, w + 1), bool)
+    padded[..., :w] = mask
+    flat = padded.ravel()
+    cols = flat.copy()
+    cols[1:] &= flat[:-1]
+    cols[0] = False
+    cols[:-1] &= flat[1:]
+    cols = cols.reshape(padded.shape)
+    out = cols.copy()
+    out[..., 1:, :] &= cols[..., :-1, :]
+    out[..., :-1, :] &= cols[..., 1:, :]
+    out[..., 0, :] = False
+    out[..., -1, :] = False
+    return out[..., :w]
+
+
+def _fill_holes(stack: np.ndarray) -> np.ndarray:
+    """ndimage.binary_fill_holes of every plane of [N, h, w] (background not 4-connected to
+    the plane's edge becomes foreground), in one labelling. A mask smaller than its plane
+    sits at the top left with background padding, which reaches the plane's edge."""
+    regions, n = ndimage.label(~stack, structure=_STACK_CROSS)
+    open_ = np.zeros(n + 1, bool)
+    open_[0] = True                                     # the masks themselves
+    for edge in (regions[:, 0], regions[:, -1], regions[:, :, 0], regions[:, :, -1]):
+        open_[edge] = True
+    return stack | ~open_[regions]
+
+
+# ------------------------------------------------------------------------ shapes
+
+@lru_cache(maxsize=16)
+def _templates(canvas: int, fx: float, fy: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Solid templates of every (shape, size) in `_KINDS` order as float32 0/1 [8, 2C, 2C],
+    and their holes as bool, centred at (C + fx, C + fy) on a grid of C = (largest half-size
+    + 2) px each side, which holds every template pixel. A box centre sits on a whole or
+    half pixel, so a template placed at any centre is a window of one of these four grids
+    (exactly: every offset is a multiple of 1/2)."""
+    geom = Geometry(canvas)
+    c = int(np.ceil(geom.half("large"))) + 2
+    ys, xs = np.mgrid[0:2 * c, 0:2 * c].astype(np.float64) + 0.5
+    dx, dy = xs - (c + fx), ys - (c + fy)
+    solid = np.stack([shape_mask(shape, "solid", geom.half(size), dx, dy) for shape, size in _KINDS])
+    holes = np.stack([shape_mask(shape, "solid", geom.half(size), dx, dy)
+                      & ~shape_mask(shape, "hollow", geom.half(size), dx, dy) for shape, size in _KINDS])
+    solid = solid.astype(np.float32)
+    solid.flags.writeable = holes.flags.writeable = False
+    return solid, holes, c
+
+
+def _window(centre: float, n: int, c: int) -> tuple[slice, slice]:
+    """(crop slice, template-grid slice) of the overlap of a crop of length n whose box centre
+    sits at `centre` with a template grid of half-size c."""
+    a = int(centre)                                    # centre = a + {0, 0.5}
+    lo, hi = max(0, a - c), min(n, a + c)
+    return slice(lo, hi), slice(lo - a + c, hi - a + c)
+
+
+def _classify(filled: np.ndarray, extents: list[tuple[int, int]], centres: list[tuple[float, float]],
+              tmaps: list[np.ndarray], geom: Geometry) -> list[tuple[str | None, str | None, str | None, float]]:
+    """(shape, size, fill, IoU) of each hole-filled component of the stack [N, h, w] (plane i
+    holds a crop of `extents[i]` = (h, w) at its top left; `centres[i]` = its box centre in it).
+    Shape and size: the best IoU (the first on ties) against the solid template of each
+    (shape, size); fill from `tmaps[i]` (per-pixel position on the background->colour line,
+    0 = background, 1 = object colour) averaged over the template's hole: a blurred small
+    hole still reads well below 1, while palette snapping would fill it in."""
+    n, h, w = filled.shape
+    temps = np.zeros((n, len(_KINDS) + 1, h, w), np.float32)                    # [N, 8 + 1, h, w] 0/1
+    temps[:, -1] = 1.0                                                          # counts the component
+    windows = []
+    for i, ((ch, cw), (cx, cy)) in enumerate(zip(extents, centres)):
+        solid, holes, c = _templates(geom.canvas, cx % 1, cy % 1)
+        (ys, gys), (xs, gxs) = _window(cy, ch, c), _window(cx, cw, c)
+        temps[i, :-1, ys, xs] = solid[:, gys, gxs]
+        windows.append((holes, ys, xs, gys, gxs))
+    temps = temps.reshape(n, len(_KINDS) + 1, h * w)
+    inter = (temps @ filled.reshape(n, h * w, 1).astype(np.float32))[..., 0]  # [N, 9] exact counts
+    inter, area = inter[:, :-1], inter[:, -1:]                                  # [N, 8], [N, 1]
+    union = np.maximum(1.0, area + np.add.reduce(temps[:, :-1], axis=2) - inter)
+    ious = inter.astype(np.float64) / union                                     # = int / int
+    best = ious.argmax(1)                                                       # the first best
+    out = []
+    for i, (k, iou) in enumerate(zip(best.tolist(), ious[np.arange(n), best].tolist())):
+        if iou == 0.0 or iou < MIN_IOU:
+            out.append((None, None, None, iou))
+            continue
+        holes, ys, xs, gys, gxs = windows[i]
+        inside = tmaps[i][ys, xs][holes[k, gys, gxs]]
+        level = _mean32(inside) if len(inside) else 1.0
+        out.append((*_KINDS[k], "solid" if level > HOLLOW_LEVEL else "hollow", iou))
+    return out
+
+
+def _components(members: np.ndarray, margin: int) -> tuple[np.ndarray, list, np.ndarray, list]:
+    """8-connected components of each colour's pixels, members [Pp, H, W], after mending
+    1-px breaks (3x3 closing), all labelled in one call: each colour's box (+ `margin` >= 2 px)
+    is cut out and the cuts are stacked [Pp, h, w] without links across them. Returns the
+    label stack, find_objects slices (colour, rows, cols), sizes and each cut's (row, col)
+    origin. Labels run colour by colour, each in raster order, as labelling each colour's
+    full mask on its own numbers them; the closing equals the full-image one (the cut holds
+    everything within 2 px of the colour)."""
+    n_colours, H, W = members.shape
+    rows_any = np.logical_or.reduce(members, axis=2)                            # [Pp, H]
+    cols_any = np.logical_or.reduce(members, axis=1)                            # [Pp, W]
+    cuts, origins = [], []
+    for p in range(n_colours):
+        rows, cols = rows_any[p].nonzero()[0], cols_any[p].nonzero()[0]
+        r0, r1 = max(0, int(rows[0]) - margin), min(H, int(rows[-1]) + margin + 1)
+        c0, c1 = max(0, int(cols[0]) - margin), min(W, int(cols[-1]) + margin + 1)
+        cuts.append(members[p, r0:r1, c0:c1])
+        origins.append((r0, c0))
+    h, w = max(c.shape[0] for c in cuts), max(c.shape[1] for c in cuts)
+    stack = np.zeros((n_colours, h, w), bool)
+    for p, cut in enumerate(cuts):
+        stack[p, :cut.shape[0], :cut.shape[1]] = cut
+    grown = _dilate(stack, 1)
+    for p, cut in enumerate(cuts):          # a cut that ends at the image's edge: what the
+        grown[p, cut.shape[0]:] = False     # dilation spilled past it is outside the image
+        grown[p, :, cut.shape[1]:] = False
+    comps, _ = ndimage.label(_erode3(grown), structure=_STACK_SQUARE)
+    return comps, ndimage.find_objects(comps), np.bincount(comps.ravel()), origins
+
+
+def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geometry) -> list[Detection]:
+    """Objects from each colour's pixels, members [Pp, H, W], and the line positions t [Pp, HW]:
+    per colour, mend 1-px breaks (3x3 closing), then every 8-connected component of at least
+    `min_area` px, colour by colour in raster order."""
+    _, H, W = members.shape
+    min_area = max(4, int(15 * geom.scale ** 2))
+    pad = int(round(3 * geom.scale))
+    comps, slices, sizes, origins = _components(members, max(2, pad))
+    found = []                                          # (label, colour, box, crop window)
+    for k, (pc, ys, xs) in enumerate(slices, start=1):
+        if sizes[k] < min_area:
+            continue
+        pc = pc.start
+        r0, c0 = origins[pc]
+        x0, x1, y0, y1 = xs.start + c0, xs.stop - 1 + c0, ys.start + r0, ys.stop - 1 + r0
+        X0, Y0 = max(0, x0 - pad), max(0, y0 - pad)
+        X1, Y1 = min(W, x1 + pad + 1), min(H, y1 + pad + 1)
+        found.append((k, pc, (x0, y0, x1, y1), (X0, Y0, X1, Y1)))
+    if not found:
+        return []
+    crops = np.zeros((len(found), max(Y1 - Y0 for *_, (X0, Y0, X1, Y1) in found),
+                      max(X1 - X0 for *_, (X0, Y0, X1, Y1) in found)), bool)  # [N, h, w]
+    for i, (k, pc, _, (X0, Y0, X1, Y1)) in enumerate(found):
+        r0, c0 = origins[pc]                                                    # the window lies in the cut
+        np.equal(comps[pc, Y0 - r0:Y1 - r0, X0 - c0:X1 - c0], k, out=crops[i, :Y1 - Y0, :X1 - X0])
+    extents = [(Y1 - Y0, X1 - X0) for *_, (X0, Y0, X1, Y1) in found]
+    centres = [((x0 + x1 + 1) / 2.0 - X0, (y0 + y1 + 1) / 2.0 - Y0) for _, _, (x0, y0, x1, y1), (X0, Y0, _, _) in found]
+    tmaps = [t[pc].reshape(H, W)[Y0:Y1, X0:X1] for _, pc, _, (X0, Y0, X1, Y1) in found]
+    kinds = _classify(_fill_holes(crops), extents, centres, tmaps, geom)
+    out = []
+    for i, ((k, pc, (x0, y0, x1, y1), (X0, Y0, X1, Y1)), (shape, size, fill, iou)) in enumerate(zip(found, kinds)):
+        cx, cy = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0
+        cell = geom.cell_of(cx, cy)
+        if cell is not None:
+            ccx, ccy = geom.center(cell)
+            if max(abs(cx - ccx), abs(cy - ccy)) > 3 * geom.scale:
+                cell = None  # off the grid
+        full = np.zeros((H, W), bool)
+        full[Y0:Y1, X0:X1] = crops[i, :Y1 - Y0, :X1 - X0]
+        out.append(Detection(COLORS_NAMES[present[pc]], shape, size, fill, cell, (cx, cy),
+                             (x0, y0, x1, y1), int(sizes[k]), iou, full))
+    return out
+
+
+# ------------------------------------------------------------------------ parse
 
 def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -115,95 +377,43 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
         raise ValueError(f"expected a square image, got {W}x{H}")
     canvas = canvas or H
     geom = Geometry(canvas)
-    x = img.astype(np.float32) / 255.0
+    x = img.astype(np.float32) / 255.0                                                 # [H, W, 3]
     flat = x.reshape(-1, 3)                                                            # [HW, 3]
-    pal = _PALETTE / 255.0                                                             # [P, 3]
-    d2 = (flat ** 2).sum(1, keepdims=True) - 2.0 * flat @ pal.T + (pal ** 2).sum(1)[None]   # [HW, P]
-    nearest = d2.argmin(1)
+    nearest, dmin = _snap(flat)
     lab = nearest.reshape(H, W)                                                        # palette snap
-    ring = max(1, int(round(geom.margin)))
-    border = np.concatenate([lab[:ring].ravel(), lab[-ring:].ravel(), lab[:, :ring].ravel(), lab[:, -ring:].ravel()])
-    counts = np.bincount(border, minlength=len(PALETTE_NAMES))
+    counts = np.bincount(nearest[_border(H, max(1, int(round(geom.margin))))], minlength=len(PALETTE_NAMES))
     bg_idx = int(counts.argmax())
     background = PALETTE_NAMES[bg_idx] if bg_idx >= N_OBJ_COLORS else None
 
-    min_area = max(4, int(15 * geom.scale ** 2))
-    struct = np.ones((3, 3), bool)
-    objects: list[Detection] = []
-    x = img.astype(np.float32) / 255.0
     # a colour is present when enough pixels sit close to it; the blurred halo between two
     # colours is a mixture far from every palette entry and must not make a third one present
-    flat = x.reshape(-1, 3)                                                            # [HW, 3]
-    pal = _PALETTE / 255.0                                                             # [P, 3]
-    d2 = (flat ** 2).sum(1, keepdims=True) - 2.0 * flat @ pal.T + (pal ** 2).sum(1)[None]   # [HW, P]
-    nearest = d2.argmin(1)
-    close = d2[np.arange(nearest.size), nearest] < PRESENT_DISTANCE ** 2
-    confident = np.bincount(nearest[close], minlength=len(PALETTE_NAMES))
+    confident = np.bincount(nearest[dmin < PRESENT_DISTANCE ** 2], minlength=len(PALETTE_NAMES))
     present = [ci for ci in range(N_OBJ_COLORS) if ci != bg_idx and confident[ci] >= PRESENT_MIN_PIXELS]
-    bg_ref = pal[bg_idx]
+    objects: list[Detection] = []
     if present:
         # Each pixel lies (up to noise) on the blend line between the background and the colour
         # of the object it belongs to, blurred edges included. It goes to the line it is closest
         # to, and to that colour when past the line's midpoint. (Nearest palette point is not
         # enough: a blue/white blend is nearer purple than blue or white.)
-        axes = pal[present] - bg_ref                                                   # [Pp, 3]
-        rel = flat - bg_ref                                                            # [HW, 3]
-        t_all = (rel @ axes.T) / (axes ** 2).sum(1)[None]                              # [HW, Pp]
-        tc = np.clip(t_all, 0.0, 1.0)
-        resid = ((rel[:, None, :] - tc[..., None] * axes[None]) ** 2).sum(-1)          # [HW, Pp]
-        best = resid.argmin(1)
-        t_best = t_all[np.arange(best.size), best]
-        owner = np.where(t_best > 0.5, best + 1, 0).reshape(H, W)                      # 0 = background
-    for pi, ci in enumerate(present, start=1):
-        member = owner == pi
-        rows, cols = np.flatnonzero(member.any(1)), np.flatnonzero(member.any(0))
-        r0, r1 = max(0, rows[0] - 2), min(H, rows[-1] + 3)
-        c0, c1 = max(0, cols[0] - 2), min(W, cols[-1] + 3)
-        member[r0:r1, c0:c1] = ndimage.binary_closing(member[r0:r1, c0:c1], structure=struct)  # mend 1-px breaks
-        comps, n = ndimage.label(member, structure=struct)
-        if n == 0:
-            continue
-        tmap = t_all[:, pi - 1].reshape(H, W)                                         # [H, W]
-        sizes = np.bincount(comps.ravel())
-        for k, sl in enumerate(ndimage.find_objects(comps), start=1):
-            if sl is None or sizes[k] < min_area:
-                continue
-            ys, xs = sl
-            x0, x1, y0, y1 = xs.start, xs.stop - 1, ys.start, ys.stop - 1
-            cx, cy = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0
-            pad = int(round(3 * geom.scale))
-            X0, Y0 = max(0, x0 - pad), max(0, y0 - pad)
-            X1, Y1 = min(W, x1 + pad + 1), min(H, y1 + pad + 1)
-            crop = comps[Y0:Y1, X0:X1] == k
-            shape, size, fill, iou = _classify(crop, tmap[Y0:Y1, X0:X1], cx - X0, cy - Y0, geom)
-            cell = geom.cell_of(cx, cy)
-            if cell is not None:
-                ccx, ccy = geom.center(cell)
-                if max(abs(cx - ccx), abs(cy - ccy)) > 3 * geom.scale:
-                    cell = None  # off the grid
-            full = np.zeros((H, W), bool)
-            full[Y0:Y1, X0:X1] = crop
-            objects.append(Detection(COLORS_NAMES[ci], shape, size, fill, cell, (cx, cy),
-                                     (x0, y0, x1, y1), int(sizes[k]), iou, full))
+        members, t = _owners(flat, bg_idx, present)
+        objects = _objects(members.reshape(-1, H, W), t, present, geom)
 
     # residue: deviation from the image's own background colour, away from objects
-    occupied = lab != bg_idx
-    near = _dilate(occupied, max(1, int(round(2 * geom.scale))))
-    free = ~near
-    if free.any():
-        bg_rgb = np.median(x[free], axis=0)
-    else:
-        bg_rgb = np.median(x.reshape(-1, 3), axis=0)
-    diff = ndimage.uniform_filter(x - bg_rgb, size=(3, 3, 1), mode="nearest")   # [H, W, 3]
-    dev = np.sqrt((diff ** 2).sum(-1))                                            # [H, W]
-    obj_union = np.zeros((H, W), bool)
+    k_near, k_away = max(1, int(round(2 * geom.scale))), max(1, int(round(3 * geom.scale)))
+    masks = np.zeros((2, H, W), bool)                                                  # [occupied, objects]
+    np.not_equal(lab, bg_idx, out=masks[0])
     for d in objects:
-        obj_union |= d.mask
-    excl = _dilate(obj_union, max(1, int(round(3 * geom.scale))))
-    cand = (dev > RESIDUE_THRESHOLD) & ~excl
+        masks[1] |= d.mask
+    grown = _dilate(masks, k_near)                                   # a k_away dilation = k_near, then the rest
+    free = ~grown[0]
+    region = ~(_dilate(grown[1], k_away - k_near) if k_away > k_near else grown[1])   # away from objects
+    bg_rgb = _median_rgb(img, free if free.any() else np.ones_like(free))
+    d0, d1, d2 = _box3(np.ascontiguousarray(x.transpose(2, 0, 1)) - bg_rgb[:, None, None])   # [3, H, W]
+    dev = np.sqrt((d0 * d0 + d1 * d1) + d2 * d2)                                       # [H, W]
+    cand = (dev > RESIDUE_THRESHOLD) & region
     residue: list[Residue] = []
     if cand.any():
-        comps, n = ndimage.label(cand, structure=struct)
+        comps, n = ndimage.label(cand, structure=_SQUARE)
         min_blob = max(4, int(8 * geom.scale ** 2))
         for k, sl in enumerate(ndimage.find_objects(comps), start=1):
             m = comps[sl] == k
@@ -215,9 +425,6 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
             full = np.zeros((H, W), bool)
             full[sl] = m
             residue.append(Residue(geom.cell_of(cx, cy), (cx, cy), area, float(dev[full].max()), full))
-    region = ~excl
-    texture_fraction = float((dev[region] > TEXTURE_THRESHOLD).mean()) if region.any() else 0.0
+    n_region = np.count_nonzero(region)
+    texture_fraction = np.count_nonzero((dev > TEXTURE_THRESHOLD) & region) / n_region if n_region else 0.0
     return Parsed(background, objects, residue, texture_fraction, canvas)
-
-
-COLORS_NAMES: tuple[str, ...] = tuple(COLORS)

@@ -20,6 +20,9 @@ The output image is parsed and its objects are matched to the expected scene aft
 
 from __future__ import annotations
 
+from functools import lru_cache
+from operator import attrgetter, ne
+
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
@@ -27,9 +30,10 @@ from scipy.optimize import linear_sum_assignment
 from ..session import CheckResult, GlobalConstraint, Turn, TurnVerdict
 from .parse import Detection, Parsed, parse
 from .render import object_mask
-from .scene import ATTRS, CELL_NAMES, Obj, Scene
+from .scene import ATTRS, CELL_NAMES, Geometry, Obj, Scene
 
 _UNMATCHED_COST = 3.5  # match an expected object only if at most 3 of its 5 attributes differ
+_attr_values = attrgetter(*ATTRS)  # (color, shape, size, fill, cell) of an Obj or a Detection
 
 
 def _fmt(attr: str, val) -> str:
@@ -39,8 +43,7 @@ def _fmt(attr: str, val) -> str:
 
 
 def diff_attrs(o: Obj, d: Detection) -> list[str]:
-    a = d.attrs()
-    return [k for k in ATTRS if getattr(o, k) != a[k]]
+    return [k for k, differs in zip(ATTRS, map(ne, _attr_values(o), _attr_values(d))) if differs]
 
 
 def match(expected: Scene, parsed: Parsed) -> tuple[dict[int, Detection | None], list[Detection]]:
@@ -51,9 +54,8 @@ def match(expected: Scene, parsed: Parsed) -> tuple[dict[int, Detection | None],
         return out, list(dets)
     n, m = len(objs), len(dets)
     cost = np.full((n, m + n), _UNMATCHED_COST)
-    for i, o in enumerate(objs):
-        for j, d in enumerate(dets):
-            cost[i, j] = len(diff_attrs(o, d))
+    det_values = [_attr_values(d) for d in dets]
+    cost[:, :m] = [[sum(map(ne, _attr_values(o), dv)) for dv in det_values] for o in objs]  # differing attributes
     rows, cols = linear_sum_assignment(cost)
     used = set()
     for i, j in zip(rows, cols):
@@ -80,7 +82,15 @@ def _obj_report(o: Obj, d: Detection | None, attrs: list[str] | None = None) -> 
 
 
 def _check(ok: bool, score: float, reason: str) -> CheckResult:
-    return CheckResult(status="pass" if ok else "fail", score=float(np.clip(score, 0.0, 1.0)), reason=reason)
+    return CheckResult(status="pass" if ok else "fail", score=float(min(max(score, 0.0), 1.0)), reason=reason)
+
+
+@lru_cache(maxsize=1024)
+def _footprint(shape: str, fill: str, size: str, cell: int, canvas: int) -> np.ndarray:
+    """An object's mask grown by two 4-connected steps (where its leftovers would lie); read-only."""
+    out = ndimage.binary_dilation(object_mask(Obj(0, shape, "red", size, fill, cell), Geometry(canvas)), iterations=2)
+    out.flags.writeable = False
+    return out
 
 
 def judge_turn(image: np.ndarray, prev: Scene, nxt: Scene, turn: Turn, turn_index: int,
@@ -113,7 +123,8 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
     # residue blobs, and which belong to the removed/moved object's old place
     old_fp = None
     if t in ("remove", "position") and tid is not None and prev.has(tid):
-        old_fp = ndimage.binary_dilation(object_mask(prev.get(tid), geom), iterations=2)
+        old = prev.get(tid)
+        old_fp = _footprint(old.shape, old.fill, old.size, old.cell, geom.canvas)
     residue_at_old = [r for r in parsed.residue if old_fp is not None and (r.mask & old_fp).any()]
 
     # ------------------------------------------------------------------------ IF
