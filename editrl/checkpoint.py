@@ -76,3 +76,26 @@ def prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
 def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     n = len(prefix) + 1
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON row to metrics.jsonl and fsync it (a kill loses at most the row in flight)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill
+    from .session import atomic_write_text
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

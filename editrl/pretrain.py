@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (flatten_optimizer, load_state, prefixed, restore_rng, rng_tensors, save_state,
+from .checkpoint import (append_metrics, flatten_optimizer, load_state, prefixed, restore_rng, rng_tensors, save_state, truncate_metrics,
                          unflatten_optimizer, unprefixed)
 from .config import to_dict
 from .editors.base import images_to_tensor
@@ -225,7 +225,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, log: Callable[[str], N
         unflatten_optimizer(opt, tensors, meta["optimizer"])
         restore_rng(tensors)
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
-        _truncate_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
         log(f"resumed from step {step}")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -274,7 +274,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, log: Callable[[str], N
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     ema.net.eval()
                     last.update(quick_eval(ema, cfg))
-                _append_metrics(metrics_path, last)
+                append_metrics(metrics_path, last)
                 if progress:
                     progress(step, cfg.max_steps, last)
             if step % cfg.ckpt_every == 0:
@@ -292,25 +292,3 @@ def _resumable(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
     """The settings a resumed run must share with its start: everything but the wall-clock
     budget (extending `max_minutes` to train longer is fine; the result stays exact)."""
     return None if cfg is None else {k: v for k, v in cfg.items() if k != "max_minutes"}
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            break  # a torn last line from a kill
-    from .session import atomic_write_text
-    atomic_write_text(path, "".join(line + "\n" for line in keep))

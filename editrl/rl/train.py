@@ -40,7 +40,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoint import flatten_optimizer, load_state, prefixed, save_state, unflatten_optimizer, unprefixed
+from ..checkpoint import (append_metrics, flatten_optimizer, load_state, prefixed, save_state, truncate_metrics,
+                          unflatten_optimizer, unprefixed)
 from ..config import to_dict
 from ..judges.base import JudgeRequest
 from ..judges.program import ProgramJudge
@@ -293,7 +294,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             old.net.load_state_dict(unprefixed(tensors, "old"))
         unflatten_optimizer(opt, tensors, meta["optimizer"])
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
-        _truncate_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
         log(f"resumed from step {step}")
     atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -367,7 +368,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             evals[step] = res
             row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            _append_metrics(metrics_path, row)
+            append_metrics(metrics_path, row)
         last = row
         if progress:
             progress(step, cfg.max_steps, row)
@@ -402,23 +403,3 @@ def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None]) ->
 def _resumable(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
     """Settings a resumed run must share with its start (all but the wall-clock budget and step cap)."""
     return None if cfg is None else {k: v for k, v in cfg.items() if k not in ("max_minutes", "max_steps")}
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            break
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
