@@ -286,6 +286,30 @@ def train_cmd(
     emit(summary)
 
 
+@app.command("ablate", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def ablate_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="ablation folder (a re-run resumes)"),
+    studies: str = typer.Option("all", "--studies", help="comma-separated: assignment, fusion, scoring, aggregation, "
+                                "trajectory_filter, algorithm, train_turns, control (or all)"),
+    seeds: int = typer.Option(3, "--seeds"),
+    minutes: float = typer.Option(5.0, "--minutes", help="wall-time budget of every (arm, seed) run"),
+    sessions: int = typer.Option(100, "--sessions", help="held-out 3-turn sessions per benchmark"),
+    config: str = typer.Option("shapes-nft", "--config", help="base RL preset; key=value arguments override every RL arm"),
+) -> None:
+    """The papers' design studies over several seeds: each arm trained for the same wall time,
+    benchmarked on the same held-out sessions, compared paired by session with intervals.
+    Writes DIR/ablation.md and DIR/ablation.json."""
+    from .rl.ablate import STUDIES, AblateConfig, markdown, run_ablation
+
+    names = list(STUDIES) if studies.strip() == "all" else [x.strip() for x in studies.split(",") if x.strip()]
+    cfg = AblateConfig(out=out, studies=names, seeds=seeds, minutes=minutes, sessions=sessions, preset=config,
+                       overrides=list(ctx.args))
+    table = run_ablation(cfg, log=lambda m: err.print(escape(m)))
+    err.print(markdown(table))
+    emit({"out": str(out), "table": str(out / "ablation.md"), "studies": [s["study"] for s in table["studies"]]})
+
+
 # ----------------------------------------------------------------------------- bench
 
 bench_app = typer.Typer(add_completion=False, help="Run SUITE through EDITOR and judge every turn with JUDGE: writes "
@@ -400,59 +424,56 @@ def bench_compare(
 
 # ------------------------------------------------------------------------------ demo
 
-@app.command("demo")
-def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
-         sessions: int = typer.Option(200, "--sessions", help="sessions for the judge check"),
-         edit_sessions: int = typer.Option(64, "--edit-sessions", help="sessions the shipped editor is benchmarked on")) -> None:
-    """The main job on the embedded default: a ShapesWorld suite, the judge checked against
-    ground truth and faults, and the shipped tiny editor benchmarked over chained turns."""
-    import numpy as np
+@app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def demo(ctx: typer.Context,
+         out: Path = typer.Option(Path("runs/demo"), "--out", help="demo folder (a re-run resumes)"),
+         sessions: int = typer.Option(100, "--sessions", help="held-out 3-turn sessions benchmarked before and after"),
+         minutes: float = typer.Option(5.0, "--minutes", help="post-training wall-time budget"),
+         config: str = typer.Option("shapes-nft", "--config", help="RL preset (key=value arguments override it)"),
+         seed: int = typer.Option(4242, "--seed", help="benchmark sessions and noise")) -> None:
+    """The main job on the embedded default: benchmark the shipped tiny editor on held-out
+    ShapesWorld sessions, post-train it with multi-turn DiffusionNFT, benchmark it again and
+    write DIR/report.html (before/after with paired intervals, curves, example sessions).
+    The last line printed is JSON with `before` and `after`, each the per_turn list of its
+    results.json."""
     import torch
 
-    from .editors.tiny import SHIPPED
-    from .session import atomic_write_text
-    from .world.check import run_check
-    from .world.grammar import GrammarConfig
-    from .session import atomic_write_bytes
-    from .world.io import png_bytes, write_world
-    from .quality import evaluate_editor
+    from .demo import DemoConfig, run_demo
 
     _positive("sessions", sessions)
-    _positive("edit-sessions", edit_sessions)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    cfg = GrammarConfig(turns=3)
+    cfg = DemoConfig(out=out, sessions=sessions, minutes=minutes, preset=config, overrides=list(ctx.args), seed=seed)
     with _progress() as prog:
-        t = prog.add_task("sampling a suite", total=sessions)
-        sample = write_world(out / "suite", sessions, 0, cfg, True, progress=lambda n: prog.advance(t, n))
-        t = prog.add_task("checking the judge (degraded images)", total=sessions)
-        degraded = run_check(sessions, 1, cfg=cfg, degrade_images=True, progress=lambda n: prog.advance(t, n))
-        quality = None
-        if SHIPPED.is_file():
-            t = prog.add_task("benchmarking the shipped editor", total=2 * edit_sessions * cfg.turns)
-            quality = evaluate_editor("tiny", edit_sessions, cfg.turns, 4242, 10, ["explicit", "in_context"],
-                                      progress=lambda n: prog.advance(t, n), strips=6)
-    g = degraded["graded_cc_mean"]
-    err.print(f"judge on degraded images: ground truth pass rate {degraded['gt_pass_rate']:.4f}, "
-              f"{degraded['perturbations']} single faults caught at rate {degraded['perturbation_detect_rate']:.4f}; "
-              f"graded CC ground truth {g['ground_truth']:.3f}, ghost {g.get('ghost', float('nan')):.3f}, texture {g['texture']:.3f}")
-    result: dict[str, Any] = {"suite": sample["out"], "judge_check": {k: degraded[k] for k in ("gt_pass_rate", "perturbation_detect_rate", "perturbations")}}
-    if quality is not None:
-        table = Table(title=f"shipped tiny editor, {edit_sessions} fresh sessions, chained turns (exact judge)")
-        for col in ("text", "turn", "IF", "CC", "GA", "CU", "succ", "succ@k", "marg"):
-            table.add_column(col)
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        for form, r in quality["forms"].items():
-            for row in r["per_turn"]:
-                table.add_row(form, str(row["turn"]), *(fmt(row[c]) for c in ("IF", "CC", "GA", "CU", "success", "success_all", "marginal")))
-        err.print(table)
-        for name, png in quality.pop("strips").items():
-            atomic_write_bytes(out / "examples" / f"{name}.png", png)
-        err.print(f"example sessions (source | turns, explicit then in-context): {out / 'examples'}")
-        result["editor"] = {form: r["per_turn"] for form, r in quality["forms"].items()}
-    else:
-        err.print(f"[yellow]no shipped editor checkpoint at {SHIPPED}: editor benchmark skipped[/yellow]")
-    atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
-    emit(result)
+        tasks: dict[str, Any] = {}
+
+        def bench_progress(name: str, total: int):
+            t = prog.add_task(name, total=total)
+            return lambda n: prog.advance(t, n)
+
+        def train_progress(step: int, total: int, row: dict) -> None:
+            if "train" not in tasks:
+                tasks["train"] = prog.add_task("post-training", total=None)
+            succ = " ".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("success/turn_"))
+            prog.update(tasks["train"], completed=step, description=f"post-training step {step}: rollout success/turn {succ}")
+
+        result = run_demo(cfg, log=lambda m: err.print(escape(m)), bench_progress=bench_progress,
+                          train_progress=train_progress)
+    cmp = json.loads((out / "compare.json").read_text())
+    table = Table(title=f"shipped tiny editor before / after {result['train']['steps']} steps "
+                        f"({result['train']['minutes']:.1f} min) of multi-turn post-training; "
+                        f"{sessions} held-out sessions, exact judge")
+    for col in ("turn", "success before", "after", "Δ [95% CI]", "success@k before", "after", "Δ [95% CI]"):
+        table.add_column(col)
+    for r in cmp["per_turn"]:
+        cells = [str(r["turn"])]
+        for m in ("success", "success_all"):
+            d = r[m]
+            ci = "" if not d["ci95"] else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            cells += [_rate(d["a"]), _rate(d["b"]), ("-" if d["diff"] is None else f"{d['diff']:+.3f}") + ci]
+        table.add_row(*cells)
+    err.print(table)
+    err.print(f"report: {escape(result['report'])}")
+    emit({"before": result["before"], "after": result["after"], "report": result["report"], "train": result["train"]})
 
 
 # ------------------------------------------------------------------------------ entry

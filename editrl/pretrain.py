@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +61,9 @@ class PretrainConfig:
     eval_steps: int = 10
     ckpt_every: int = 500
     threads: int = 0                    # torch threads (0 = all cores)
+    init: str = ""                      # start from these weights (tiny | tiny:PATH; the model config is
+                                        # then the checkpoint's) instead of a random init: continued
+                                        # supervised training, the control every RL claim needs
     model: TinyConfig = field(default_factory=TinyConfig)
 
     def __post_init__(self) -> None:
@@ -207,7 +210,13 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, log: Callable[[str], N
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    editor = TinyEditor(cfg.model)
+    if cfg.init:
+        from .editors.tiny import load_tiny
+        start = load_tiny(cfg.init)
+        cfg = replace(cfg, model=start.cfg)
+        editor = TinyEditor(cfg.model, net=start.net)
+    else:
+        editor = TinyEditor(cfg.model)
     ema = TinyEditor(cfg.model)
     ema.net.load_state_dict(editor.net.state_dict())
     editor.net.train()
@@ -283,7 +292,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, log: Callable[[str], N
         del it, loader
     save()
     ema.save(out / "model.safetensors", extra_meta={"pretrain_steps": str(step), "pretrain_minutes": f"{elapsed / 60:.1f}",
-                                                    "pretrain_seed": str(cfg.seed)})
+                                                    "pretrain_seed": str(cfg.seed), "pretrain_init": cfg.init or "random"})
     return {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2), "last": last,
             "model": str(out / "model.safetensors")}
 

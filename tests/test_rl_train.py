@@ -116,3 +116,64 @@ def test_train_cli_smoke_and_bad_input(small_ckpt, tmp_path):
     assert summary["steps"] == 1 and os.path.exists(summary["final"] + "/model.safetensors")
     bad = subprocess.run(cmd[:8] + ["group=1"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "group must be at least 2" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_survives_sigkill_and_resumes_metrics_identically(small_ckpt, tmp_path):
+    """Kill -9 a real `editrl train` process mid-run; the resumed run's metrics.jsonl and final
+    weights equal those of a run that was never interrupted (CPU, same seed)."""
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--config", "shapes-nft", f"init=tiny:{small_ckpt}", "sessions_per_step=2", "group=3", "turns=2",
+            "rollout_steps=3", "max_steps=6", "minibatch=8", "final_eval=false", "threads=1", "eval_every=0",
+            "ckpt_every=1", "lr=1e-3", "adv.group_filter=false"]
+    cmd = lambda out: [sys.executable, "-m", "editrl.cli", "train", "--out", str(out), *args]  # noqa: E731
+    ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    p = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert not (run / "final").exists(), "the run finished before it could be killed"
+    done = subprocess.run(cmd(run), capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from step" in done.stderr
+
+    def rows(path):
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/") and k != "elapsed_min"}
+                for x in path.read_text().splitlines()]
+
+    assert rows(tmp_path / "ref" / "metrics.jsonl") == rows(metrics)
+    assert [r["step"] for r in rows(metrics)] == list(range(1, 7))
+    a = load_tiny(f"tiny:{tmp_path / 'ref' / 'final'}").state_dict()
+    b = load_tiny(f"tiny:{run / 'final'}").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_tracking_writes_scalars_and_session_strips(small_ckpt, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = small_cfg(small_ckpt, algorithm="nft", max_steps=2, track="tensorboard", track_strips_every=1,
+                    track_strips=2, adv={"group_filter": False})
+    train(cfg, tmp_path / "run", log=lambda m: None)
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert "reward/IF" in tags["scalars"] and "success/turn_1" in tags["scalars"]
+    assert [e.step for e in ea.Scalars("reward/fused")] == [1, 2]
+    imgs = [t for t in tags["images"] if t.startswith("sessions/")]
+    assert len(imgs) == 2
+    ev = ea.Images(imgs[0])
+    assert [e.step for e in ev] == [1, 2] and ev[0].width == 3 * 64 and ev[0].height == 64 + 3
+    # a missing backend name is a clear error
+    with pytest.raises(EditrlInputError, match="unknown tracking backend"):
+        train(small_cfg(small_ckpt, track="mlflow"), tmp_path / "bad", log=lambda m: None)

@@ -178,8 +178,10 @@ def check_judge_inputs(judge: Any, suite: Suite) -> None:
                                    f"expected scenes); use a vlm judge for {suite.kind} records")
 
 
-def run_settings(cfg: BenchConfig, suite: Suite, form: str, steps: int | None, judge: Any, precomputed: bool) -> dict[str, Any]:
-    """Everything a verdict or an image depends on; a resumed run must match it exactly."""
+def run_settings(cfg: BenchConfig, suite: Suite, form: str, steps: int | None, judge: Any, precomputed: bool,
+                 weights_sha256: str | None = None) -> dict[str, Any]:
+    """Everything a verdict or an image depends on; a resumed run must match it exactly
+    (including the editor's weights: a checkpoint overwritten between runs is not mixed)."""
     try:
         version = metadata.version("editrl")
     except metadata.PackageNotFoundError:
@@ -189,6 +191,8 @@ def run_settings(cfg: BenchConfig, suite: Suite, form: str, steps: int | None, j
         editor["root"] = str(Path(cfg.editor[len("outputs:"):]).resolve())
     else:
         editor.update({"steps": steps, "solver": "ode", "batch_size": cfg.batch_size, "seed": cfg.seed})
+        if weights_sha256:
+            editor["weights_sha256"] = weights_sha256
     params = json.loads(json.dumps(judge.params(), sort_keys=True, default=str))
     return {"suite": {**suite.describe(), "sessions_sha256": sessions_digest(suite.sessions)},
             "editor": editor,
@@ -512,7 +516,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
     n_missing = check_missing(images, suite.sessions, cfg.allow_missing)
     if not precomputed:
         check_editor_inputs(editor, suite, texts)
-    settings = run_settings(cfg, suite, form, steps, judge, precomputed)
+    settings = run_settings(cfg, suite, form, steps, judge, precomputed, getattr(editor, "weights_sha256", None))
     out.mkdir(parents=True, exist_ok=True)
     resumed = pin_settings(out, settings)
     if log and resumed:

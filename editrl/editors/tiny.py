@@ -100,8 +100,9 @@ class Tokenizer:
 class TinyConfig:
     canvas: int = 64
     fold: int = 4                          # pixel-unshuffle factor
-    channels: tuple[int, ...] = (32, 64, 128)   # at 16x16, 8x8, 4x4
+    channels: tuple[int, ...] = (32, 64, 128)   # per level: 16x16, 8x8, 4x4 (any number of levels >= 2)
     blocks: tuple[int, ...] = (1, 1, 2)         # residual blocks per level on the way down
+    attn_start: int = 0                    # first level with attention (levels above it are conv-only)
     text_dim: int = 128
     text_layers: int = 2
     heads: int = 4
@@ -198,19 +199,24 @@ def sigma_embedding(sigma: Tensor, dim: int) -> Tensor:
 
 
 class TinyEditNet(nn.Module):
-    """A lean 3-level UNet at 16x16 / 8x8 / 4x4 (after pixel-unshuffle), most capacity at 4x4.
+    """A lean UNet after pixel-unshuffle (default: 3 levels at 16x16 / 8x8 / 4x4, most capacity
+    at the bottom).
 
     Per level on the way down: `blocks[i]` residual blocks (cross-attention to the text after
-    each one at 8x8 and 4x4), one skip kept; on the way up: upsample, concatenate the
-    skip, one residual block per level (+ attention at 8x8).
+    each one from level max(1, attn_start) on), one skip kept; on the way up: upsample,
+    concatenate the skip, one residual block per level (+ attention from level attn_start on;
+    self-attention at the top level only with `top_self_attn`).
     """
 
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
         self.cfg = cfg
         f, ch, td = cfg.fold, cfg.channels, cfg.text_dim
-        if len(ch) != 3 or len(cfg.blocks) != 3:
-            raise ValueError("the tiny editor has exactly 3 levels: channels and blocks need 3 entries")
+        n = len(ch)
+        if n < 2 or len(cfg.blocks) != n:
+            raise ValueError("the tiny editor needs at least 2 levels, and one blocks entry per channels entry")
+        if cfg.canvas % (f << (n - 1)):
+            raise ValueError(f"canvas {cfg.canvas} is not divisible by fold x 2^(levels-1) = {f << (n - 1)}")
         emb = 4 * ch[0]
         self.tok = nn.Embedding(len(SPECIALS) + len(cfg.vocab), td)
         self.pos = nn.Parameter(torch.randn(cfg.max_tokens, td) * 0.02)
@@ -219,26 +225,28 @@ class TinyEditNet(nn.Module):
         self.text_norm = nn.LayerNorm(td)
         self.t_mlp = nn.Sequential(nn.Linear(ch[0], emb), nn.SiLU(), nn.Linear(emb, emb))
         self.p_mlp = nn.Sequential(nn.Linear(td, emb), nn.SiLU(), nn.Linear(emb, emb))
-        # Each 16x16 token is a 4x4 patch: 96 input values (x_σ and source), 48 output values.
-        # A linear head from ch[0]=32 features cannot render colour x shape-mask products
+        # Each top-level token is an f x f patch: 6f² input values (x_σ and source), 3f² output
+        # values. A linear head from ch[0] features cannot render colour x shape-mask products
         # exactly (the patches come out as blurry colour mixtures); per-patch MLPs can.
         pin, pout = 2 * 3 * f * f, 3 * f * f
         self.stem = (nn.Conv2d(pin, ch[0], 1) if not cfg.stem_hidden else
                      nn.Sequential(nn.Conv2d(pin, cfg.stem_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.stem_hidden, ch[0], 1)))
         # learned positional embeddings: cross-attention must link "at the middle right" to a place
         n0 = cfg.canvas // f
-        self.pos_emb = nn.ParameterList(nn.Parameter(torch.randn(ch[i], n0 >> i, n0 >> i) * 0.02) for i in range(3))
+        self.pos_emb = nn.ParameterList(nn.Parameter(torch.randn(ch[i], n0 >> i, n0 >> i) * 0.02) for i in range(n))
         self.down = nn.ModuleList(
-            nn.ModuleList(ResBlock(ch[i], ch[i], emb) for _ in range(cfg.blocks[i])) for i in range(3))
+            nn.ModuleList(ResBlock(ch[i], ch[i], emb) for _ in range(cfg.blocks[i])) for i in range(n))
         self.down_attn = nn.ModuleList(
-            nn.ModuleList(Attention(ch[i], td, cfg.heads) for _ in range(cfg.blocks[i] if i > 0 else 0)) for i in range(3))
-        self.downsample = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1) for i in range(2))
-        self.mid, self.mid_attn = ResBlock(ch[2], ch[2], emb), Attention(ch[2], td, cfg.heads)
-        self.upconv = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 1) for i in range(2))
-        self.up = nn.ModuleList(ResBlock(ch[i], ch[i], emb) for i in range(2))
-        self.up_attn = nn.ModuleList(Attention(ch[i], td, cfg.heads, self_attn=i > 0 or cfg.top_self_attn,
-                                               self_heads=cfg.top_self_heads if i == 0 else 0)
-                                     for i in range(2))
+            nn.ModuleList(Attention(ch[i], td, cfg.heads)
+                          for _ in range(cfg.blocks[i] if i > 0 and i >= cfg.attn_start else 0)) for i in range(n))
+        self.downsample = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1) for i in range(n - 1))
+        self.mid, self.mid_attn = ResBlock(ch[-1], ch[-1], emb), Attention(ch[-1], td, cfg.heads)
+        self.upconv = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 1) for i in range(n - 1))
+        self.up = nn.ModuleList(ResBlock(ch[i], ch[i], emb) for i in range(n - 1))
+        self.up_attn = nn.ModuleList(
+            Attention(ch[i], td, cfg.heads, self_attn=i > 0 or cfg.top_self_attn,
+                      self_heads=cfg.top_self_heads if i == 0 else 0) if i >= cfg.attn_start else nn.Identity()
+            for i in range(n - 1))
         self.out_norm = nn.GroupNorm(8, ch[0])
         self.out = (nn.Conv2d(ch[0], pout, 1) if not cfg.head_hidden else
                     nn.Sequential(nn.Conv2d(ch[0], cfg.head_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.head_hidden, pout, 1)))
@@ -265,20 +273,22 @@ class TinyEditNet(nn.Module):
         e = self.t_mlp(sigma_embedding(sigma, self.cfg.channels[0])) + self.p_mlp(pooled)   # [B, E]
         h = self.stem(F.pixel_unshuffle(torch.cat([x, source], 1), f))                 # [B, C0, 16, 16]
         skips = []
-        for i in range(3):
+        n = len(self.cfg.channels)
+        for i in range(n):
             h = h + self.pos_emb[i]
             for j, block in enumerate(self.down[i]):
                 h = block(h, e)
-                if i > 0:
+                if len(self.down_attn[i]):
                     h = self.down_attn[i][j](h, cache[id(self.down_attn[i][j])], text_mask)
-            if i < 2:
+            if i < n - 1:
                 skips.append(h)
                 h = self.downsample[i](h)                                             # [B, C_{i+1}, H/2, W/2]
-        h = self.mid_attn(self.mid(h, e), cache[id(self.mid_attn)], text_mask)                            # [B, C2, 4, 4]
-        for i in (1, 0):
+        h = self.mid_attn(self.mid(h, e), cache[id(self.mid_attn)], text_mask)        # [B, C_last, h, w]
+        for i in range(n - 2, -1, -1):
             h = self.upconv[i](F.interpolate(h, scale_factor=2, mode="nearest"))
             h = self.up[i](h + skips.pop(), e)
-            h = self.up_attn[i](h, cache[id(self.up_attn[i])], text_mask)
+            if isinstance(self.up_attn[i], Attention):
+                h = self.up_attn[i](h, cache[id(self.up_attn[i])], text_mask)
         delta = F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), f)               # [B, 3, 64, 64]
         return source + delta                                                         # x̂0: an edit of the source
 
@@ -300,12 +310,16 @@ class TinyCond:
 class TinyEditor(FlowEditor):
     name = "tiny"
     default_steps = 10
+    weights_sha256: str | None = None      # set when loaded from a checkpoint file
 
     def __init__(self, cfg: TinyConfig | None = None, mode: str = "explicit", net: TinyEditNet | None = None) -> None:
         if mode not in MODES:
             raise EditrlInputError(f"unknown conditioning mode {mode!r} (expected one of {', '.join(MODES)})")
         self.cfg = cfg or TinyConfig()
         self.net = net if net is not None else TinyEditNet(self.cfg)
+        # channels-last convolution weights: ~17% faster inference on CPU, training unchanged;
+        # saved weights are made contiguous, so checkpoints do not depend on it
+        self.net.to(memory_format=torch.channels_last)
         self.net.eval()
         self.mode = mode
         self.tokenizer = Tokenizer(self.cfg.vocab)
@@ -373,7 +387,18 @@ class TinyEditor(FlowEditor):
         missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
         if missing or unexpected:
             raise EditrlInputError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return cls(cfg, mode=mode, net=net)
+        editor = cls(cfg, mode=mode, net=net)
+        editor.weights_sha256 = _sha256(path)
+        return editor
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")

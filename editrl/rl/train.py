@@ -79,6 +79,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     minibatch: int = 64                 # samples per forward/backward (gradients are accumulated)
+    epochs: int = 1                     # optimiser steps per rollout batch (each over all its samples)
     max_steps: int = 100
     max_minutes: float = 0.0            # stop after this wall time (0 = no limit)
     threads: int = 0                    # torch threads (0 = all cores)
@@ -91,6 +92,7 @@ class TrainConfig:
     nft_beta: float = 1.0               # implicit-policy mixing β
     nft_adaptive: bool = True           # x0-space errors with the stop-gradient adaptive weight
     nft_sigma_min: float = 0.05         # re-noising σ ~ U(nft_sigma_min, 1)
+    nft_shared_noise: bool = True       # one re-noising (σ, ε) per group and turn (common random numbers)
     nft_ref_weight: float = 0.0         # λ_ref·‖v_θ − v_ref‖²
     old_decay_max: float = 0.5          # old policy = EMA of θ with decay ramped up to this ...
     old_decay_ramp: float = 20.0        # ... over this many steps
@@ -101,6 +103,10 @@ class TrainConfig:
     final_eval: bool = True
     ckpt_every: int = 5
     log_every: int = 1
+    track: str = ""                     # mirror metrics to: tensorboard, wandb (comma-separated; optional extras)
+    track_project: str = "editrl"       # W&B project
+    track_strips_every: int = 10        # sample session strips to the trackers every N steps (0 = never)
+    track_strips: int = 4               # sessions per strip set (first trajectory of each)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("nft", "grpo"):
@@ -109,7 +115,7 @@ class TrainConfig:
             raise ValueError(f"form must be explicit or in_context, got {self.form!r}")
         if self.solver not in ("ode", "sde"):
             raise ValueError(f"solver must be ode or sde, got {self.solver!r}")
-        for name in ("sessions_per_step", "group", "turns", "rollout_steps", "minibatch", "max_steps",
+        for name in ("sessions_per_step", "group", "turns", "rollout_steps", "minibatch", "max_steps", "epochs",
                      "ckpt_every", "log_every", "eval_sessions", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -167,6 +173,14 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
     stats: dict[str, float] = {"nft/samples": float(n)}
     if n == 0:
         return stats
+    # Re-noising draws: one (σ, ε) per (session, turn) shared by the G trajectories of the group
+    # (common random numbers), or one per sample. Shared draws cancel the part of the
+    # flow-matching gradient the group's samples have in common (the copied background, the
+    # noise itself) against the zero-mean advantages, leaving their differences.
+    shape = ro.turns[0].outputs.shape[1:]
+    n_draw = B if cfg.nft_shared_noise else B * G
+    sig_tab = cfg.nft_sigma_min + (1 - cfg.nft_sigma_min) * torch.rand(n_draw, K, generator=gen)   # [B or BG, K]
+    eps_tab = torch.randn((n_draw, K, *shape), generator=gen)                                      # [B or BG, K, C, H, W]
     sums: dict[str, float] = {}
     for chunk_start in range(0, n, cfg.minibatch):
         chunk = rows[chunk_start: chunk_start + cfg.minibatch]
@@ -181,8 +195,9 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
             texts = [tb.texts[i] for i in ids]
             ctxs = [tb.contexts[i] for i in ids]
             r = r_all.view(B * G, K)[sel, k]                                           # [n]
-            sigma = cfg.nft_sigma_min + (1 - cfg.nft_sigma_min) * torch.rand(len(ids), generator=gen)  # [n]
-            eps = torch.randn(x0.shape, generator=gen)                                 # [n, C, H, W]
+            draw = sel // G if cfg.nft_shared_noise else sel
+            sigma = sig_tab[draw, k]                                                   # [n]
+            eps = eps_tab[draw, k]                                                     # [n, C, H, W]
             s = sigma.view(-1, 1, 1, 1)
             x_sigma = (1 - s) * x0 + s * eps
             with torch.no_grad():
@@ -305,6 +320,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             tensors.update(prefixed(old.net.state_dict(), "old"))
         save_state(state_path, tensors, {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta})
 
+    from .tracking import Tracker, session_strip
+    tracker = Tracker(cfg.track, out, to_dict(cfg), project=cfg.track_project)
     t_start = time.time() - elapsed
     last: dict[str, Any] = {}
     evals: dict[int, Any] = {}
@@ -331,31 +348,46 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         # 4. advantages
         adv = compute_advantages(verdicts, cfg.adv)
         row.update(adv.stats)
-        # 5. loss and update
+        # 5. loss and update: `epochs` optimiser steps on this rollout (NFT: fresh re-noising
+        # each epoch; GRPO: PPO-style, the clipped ratio moves away from 1 after the first)
+        t_loss, t_opt = 0.0, 0.0
         policy.net.train()
-        opt.zero_grad(set_to_none=True)
         if not torch.isfinite(adv.A).all():
             row["skipped"] = "non-finite advantage"
-        else:
+        for epoch in range(cfg.epochs if "skipped" not in row else 0):
+            opt.zero_grad(set_to_none=True)
+            ta = time.time()
             if grpo:
-                row.update(grpo_update(cfg, policy, ref, ro, adv.A, adv.mask))
+                st = grpo_update(cfg, policy, ref, ro, adv.A, adv.mask)
             else:
-                row.update(nft_update(cfg, policy, old, ref, ro, adv.A, adv.mask, step_generator(cfg, step, 1)))
+                st = nft_update(cfg, policy, old, ref, ro, adv.A, adv.mask, step_generator(cfg, step, 1 + epoch))
+            if epoch == 0:
+                row.update(st)
+            else:
+                row.update({f"{k}@last_epoch": v for k, v in st.items() if k.endswith(("loss", "ratio_mean", "clip_frac"))})
+            tb = time.time()
+            t_loss += tb - ta
             grads = [p.grad for p in params if p.grad is not None]
-            finite = all(torch.isfinite(g).all() for g in grads)
             if not grads:
                 row["skipped"] = "no trained sample (all masked)"
-            elif not finite:
+            elif not all(torch.isfinite(g).all() for g in grads):
                 row["skipped"] = "non-finite gradient"
             else:
-                row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                row.setdefault("grad_norm", gn)
                 opt.step()
-                if old is not None:
-                    ema_update_(old.net.parameters(), policy.net.parameters(),
-                                old_policy_decay(step, cfg.old_decay_max, cfg.old_decay_ramp))
+            t_opt += time.time() - tb
+            if "skipped" in row:
+                break
+        tc = time.time()
+        if old is not None and "skipped" not in row:
+            ema_update_(old.net.parameters(), policy.net.parameters(),
+                        old_policy_decay(step, cfg.old_decay_max, cfg.old_decay_ramp))
         opt.zero_grad(set_to_none=True)
         policy.net.eval()
         t3 = time.time()
+        row["time/loss_s"] = round(t_loss, 3)                  # forward + backward of the objective
+        row["time/optim_s"] = round(t_opt + (t3 - tc), 3)      # clipping, AdamW, old-policy EMA
         if "skipped" in row:
             log(f"step {step + 1}: skipped ({row['skipped']})")
         step += 1
@@ -369,12 +401,21 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             append_metrics(metrics_path, row)
+            if tracker.active:
+                tracker.scalars(step, row)
+        if tracker.active and cfg.track_strips_every and step % cfg.track_strips_every == 0:
+            strips = []
+            for b, sess in enumerate(sessions[: cfg.track_strips]):
+                ok = [bool(v.success) if v is not None else None for v in verdicts[b][0]]
+                strips.append((f"session_{b}", session_strip(ro.images[b][0], ok)))
+            tracker.strips(step, strips)
         last = row
         if progress:
             progress(step, cfg.max_steps, row)
         if step % cfg.ckpt_every == 0:
             save()
     save()
+    tracker.close()
     final = out / "final"
     final.mkdir(exist_ok=True)
     policy.save(final / "model.safetensors", extra_meta={"rl_steps": str(step), "rl_algorithm": cfg.algorithm,
@@ -402,4 +443,5 @@ def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None]) ->
 
 def _resumable(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
     """Settings a resumed run must share with its start (all but the wall-clock budget and step cap)."""
-    return None if cfg is None else {k: v for k, v in cfg.items() if k not in ("max_minutes", "max_steps")}
+    return None if cfg is None else {k: v for k, v in cfg.items()
+                                     if k not in ("max_minutes", "max_steps") and not k.startswith("track")}

@@ -1,0 +1,155 @@
+"""Time of one multi-turn RL step, split into rollout / reward / loss / optimiser, against the
+model's own unavoidable passes measured in the same process.
+
+For each variant (DiffusionNFT with ODE rollouts, Flow-GRPO with the SDE on every step, Flow-GRPO
+with a 3-step SDE window) it runs `editrl.rl.train.train` for warm-up + N steps (no evaluation)
+and reads the per-phase times from metrics.jsonl. Then it times the passes that step cannot
+avoid, with the same batch sizes:
+
+* rollout: K turns x (text encoding + T net forwards) at batch B*G, no gradient;
+* update, NFT: per trained sample one old-policy forward (no gradient) + one forward and
+  backward of θ, in minibatches of `minibatch`;
+* update, GRPO: per stored in-window transition one forward and backward of θ.
+
+overhead = step time / unavoidable time (target <= 1.15); the reward (program judge) is
+reported separately, as `overhead_model` excludes it. Peak RSS is the process's.
+
+    python benchmarks/rl_step.py [--steps 3] [--sessions 8 --group 8 --turns 3 --T 10] [--out runs/bench/rl_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def timed(fn, repeats: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def unavoidable_rollout(ed, n: int, K: int, T: int, texts: list[str]) -> float:
+    """K x (encode + T forwards) at batch n, no gradient."""
+    src = torch.rand(n, 3, ed.cfg.canvas, ed.cfg.canvas) * 2 - 1
+    sig = ed.sigmas(T)
+
+    @torch.no_grad()
+    def run():
+        for _ in range(K):
+            cond = ed.encode(src, texts[:n], [[] for _ in range(n)])
+            x = torch.randn_like(src)
+            for i in range(T):
+                ed.velocity(x, sig[i].expand(n), cond)
+
+    return timed(run)
+
+
+def unavoidable_update(ed, old, n_samples: int, minibatch: int, texts: list[str], with_old: bool) -> float:
+    """Forward+backward of θ (and a no-grad old forward for NFT) over n_samples in minibatches."""
+    c = ed.cfg.canvas
+    ed.net.train()
+
+    def run():
+        left = n_samples
+        while left > 0:
+            m = min(minibatch, left)
+            left -= m
+            src = torch.rand(m, 3, c, c) * 2 - 1
+            x = torch.randn(m, 3, c, c)
+            s = torch.rand(m) * 0.9 + 0.05
+            if with_old:
+                with torch.no_grad():
+                    old.velocity(x, s, old.encode(src, texts[:m], [[] for _ in range(m)]))
+            v = ed.velocity(x, s, ed.encode(src, texts[:m], [[] for _ in range(m)]))
+            (v ** 2).mean().backward()
+        ed.net.zero_grad(set_to_none=True)
+
+    run()  # warm-up
+    t = timed(run)
+    ed.net.eval()
+    return t
+
+
+def run_variant(name: str, overrides: dict, args) -> dict:
+    from editrl.config import load_config
+    from editrl.editors import load_editor
+    from editrl.rl.train import TrainConfig, train
+    from editrl.world.grammar import GrammarConfig, sample_session
+
+    base = {"sessions_per_step": args.sessions, "group": args.group, "turns": args.turns, "rollout_steps": args.T,
+            "max_steps": args.steps + 1, "eval_every": 0, "final_eval": False, "ckpt_every": 10_000,
+            "threads": args.threads, "init": args.editor}
+    cfg = load_config(TrainConfig, overrides.pop("preset"), {**base, **overrides})
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg, Path(tmp) / "run", log=lambda m: None)
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    phases = {p: float(np.mean([r.get(f"time/{p}_s", 0.0) for r in rows])) for p in ("rollout", "reward", "loss", "optim")}
+    step = sum(phases.values())
+    ed = load_editor(args.editor)
+    old = load_editor(args.editor)
+    texts = [sample_session(99, i, GrammarConfig(turns=1)).turns[0].explicit for i in range(max(args.sessions * args.group, 64))]
+    n_roll = args.sessions * args.group
+    t_roll = unavoidable_rollout(ed, n_roll, args.turns, args.T, texts)
+    if cfg.algorithm == "nft":
+        n_train = float(np.mean([r.get("nft/samples", 0.0) for r in rows]))
+        t_upd = unavoidable_update(ed, old, int(round(n_train)), cfg.minibatch, texts, with_old=True)
+    else:
+        n_train = float(np.mean([r.get("grpo/transitions", 0.0) for r in rows]))
+        t_upd = unavoidable_update(ed, None, int(round(n_train)), cfg.minibatch, texts, with_old=False)
+    model_time = t_roll + t_upd
+    return {"variant": name, "steps_timed": len(rows), **{f"{p}_s": round(v, 3) for p, v in phases.items()},
+            "step_s": round(step, 3), "trained_samples": n_train,
+            "unavoidable_rollout_s": round(t_roll, 3), "unavoidable_update_s": round(t_upd, 3),
+            "overhead": round(step / model_time, 3),
+            "overhead_model": round((step - phases["reward"]) / model_time, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--editor", default="tiny")
+    ap.add_argument("--steps", type=int, default=3, help="timed RL steps per variant (after one warm-up step)")
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--T", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="nft,grpo-full,grpo-window3")
+    ap.add_argument("--out", default="runs/bench/rl_step.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    # group filtering off: every variant trains on the same share of its samples
+    variants = {"nft": {"preset": "shapes-nft", "adv.group_filter": False},
+                "grpo-full": {"preset": "shapes-grpo", "window": 0, "adv.group_filter": False},
+                "grpo-window3": {"preset": "shapes-grpo", "window": 3, "adv.group_filter": False}}
+    rows = [run_variant(v, dict(variants[v]), args) for v in args.variants.split(",")]
+    cols = ("variant", "rollout_s", "reward_s", "loss_s", "optim_s", "step_s", "trained_samples",
+            "unavoidable_rollout_s", "unavoidable_update_s", "overhead", "overhead_model", "peak_rss_mb")
+    print(" ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]:>14}" if isinstance(r[c], str) else f"{r[c]:>14.3f}" for c in cols))
+    result = {"editor": args.editor, "B": args.sessions, "G": args.group, "K": args.turns, "T": args.T,
+              "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

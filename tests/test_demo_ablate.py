@@ -1,0 +1,91 @@
+"""`editrl demo` (bench -> multi-turn NFT -> bench -> before/after report) and `editrl ablate`
+(design studies over seeds, paired intervals), end to end at toy budgets, plus the table math."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from editrl.rl.ablate import STUDIES, AblateConfig, bootstrap_ci, markdown, summarise  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TOY = ["sessions_per_step=2", "group=2", "rollout_steps=2", "threads=1"]
+
+
+def run(args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "editrl.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+def test_demo_end_to_end_writes_before_after_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    p = run(["demo", "--out", str(out), "--sessions", "3", "--minutes", "0.01", *TOY])
+    assert p.returncode == 0, p.stderr
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    before = json.loads((out / "before" / "results.json").read_text())["per_turn"]
+    after = json.loads((out / "after" / "results.json").read_text())["per_turn"]
+    assert last["before"] == before and last["after"] == after
+    assert [r["turn"] for r in before] == [1, 2, 3] and all(r["n"] == 3 for r in after)
+    html = (out / "report.html").read_text()
+    assert "before and after" in html and html.count("data:image/png;base64,") >= 2 + 3 * (1 + 2 * 3)
+    cmp = json.loads((out / "compare.json").read_text())
+    assert cmp["common_sessions"] == 3 and len(cmp["per_turn"]) == 3
+    # after benchmarks the post-trained weights, not the shipped ones
+    assert "train/final/model.safetensors" in json.loads((out / "after" / "results.json").read_text())["editor"]
+    # a re-run resumes: no new image is generated, the same result comes back
+    p2 = run(["demo", "--out", str(out), "--sessions", "3", "--minutes", "0.01", *TOY])
+    assert p2.returncode == 0, p2.stderr
+    assert json.loads(p2.stdout.strip().splitlines()[-1])["after"] == after
+
+
+def test_demo_bad_input_is_one_line_error(tmp_path):
+    p = run(["demo", "--out", str(tmp_path / "d"), "--minutes", "0"])
+    assert p.returncode == 2 and "minutes must be positive" in p.stderr and "Traceback" not in p.stderr
+    p = run(["demo", "--out", str(tmp_path / "d2"), "--minutes", "0.01", "group=1"])
+    assert p.returncode == 2 and "group must be at least 2" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ablate_toy_run_has_every_arm_and_intervals(tmp_path):
+    out = tmp_path / "abl"
+    p = run(["ablate", "--out", str(out), "--studies", "control,fusion", "--seeds", "1", "--minutes", "0.01",
+             "--sessions", "2", *TOY])
+    assert p.returncode == 0, p.stderr
+    t = json.loads((out / "ablation.json").read_text())
+    arms = {r["arm"] for s in t["studies"] for r in s["rows"]}
+    assert arms == {"base", "supervised", "reward_fusion"}
+    for s in t["studies"]:
+        for r in s["rows"]:
+            assert len(r["success_all"]) == 3 and all(c is not None for c in r["ci95"])
+            assert r["seeds"] == 1
+    md = (out / "ablation.md").read_text()
+    assert "| control | supervised |" in md and "| fusion | reward_fusion |" in md
+    bad = run(["ablate", "--out", str(out), "--studies", "nope"])
+    assert bad.returncode == 2 and "unknown study" in bad.stderr
+
+
+def test_summarise_paired_differences_and_bootstrap():
+    # 4 sessions x 3 turns; arm "x" succeeds everywhere the base does plus one more session at turn 3
+    base = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]], float)
+    better = base.copy()
+    better[3, 2] = 1
+    cfg = AblateConfig(out=None, studies=["fusion"], seeds=2, bootstrap=200)
+    t = summarise(cfg, {"base": [base, base], "reward_fusion": [better, base]}, base)
+    rows = {r["arm"]: r for r in t["studies"][0]["rows"]}
+    assert rows["base"]["success_all"] == [0.75, 0.5, 0.25]
+    # averaged over the two seeds, session 4 succeeds half the time at turn 3
+    assert rows["reward_fusion"]["success_all"][2] == pytest.approx(0.375)
+    assert rows["reward_fusion"]["vs_reference"]["diff"] == pytest.approx(0.125)
+    assert rows["reward_fusion"]["seed_values_at_K"] == [0.5, 0.25]
+    lo, hi = rows["reward_fusion"]["vs_reference"]["ci95"]
+    assert 0.0 <= lo <= 0.125 <= hi <= 0.5
+    assert "reward_fusion" in markdown(t)
+    assert bootstrap_ci(np.ones(5), 100, 0) == (1.0, 1.0) and bootstrap_ci(np.ones(5), 0, 0) is None
+    assert set(STUDIES) >= {"assignment", "fusion", "scoring", "aggregation", "trajectory_filter", "algorithm",
+                            "train_turns", "control"}
