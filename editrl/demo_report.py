@@ -58,7 +58,8 @@ def plot_training(rows: Sequence[dict[str, Any]]) -> str | None:
         return np.convolve(np.nan_to_num(y), k, mode="same")
 
     fig, ax = plt.subplots(figsize=(5.6, 3.3))
-    ax.plot(steps, smooth("reward/fused"), label="fused reward", color="#1f2328")
+    mk = "o" if len(rows) < 30 else None      # a short run shows its points
+    ax.plot(steps, smooth("reward/fused"), label="fused reward", color="#1f2328", marker=mk)
     for k in sorted({int(key.rsplit("_", 1)[1]) for r in rows for key in r if key.startswith("success/turn_")}):
         ax.plot(steps, smooth(f"success/turn_{k}"), label=f"rollout success, turn {k}", marker=mk)
     ax.set_ylim(-0.02, 1.02)

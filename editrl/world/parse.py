@@ -20,9 +20,16 @@ Implementation: numpy costs per call, so the work is arranged in few calls on lo
 Per-pixel quantities are planes ([P, H*W], never [H*W, P] reduced over P); blend-line
 distances are computed only for pixels past some line's midpoint; the colours, cut out
 around their pixels, are closed and labelled as one stack, and the components are
-hole-filled as one stack and scored against every template in one product; templates are
-built once per canvas. Every step yields the same values, to the bit, as the direct
-formulation (`_reference_parse` in tests/test_world.py).
+hole-filled as one stack (each cut to its box + 1 px) and scored against the templates;
+templates are built once per canvas. Every step yields the same values, to the bit, as the
+direct formulation (`_reference_parse` in tests/test_world.py).
+
+Two exact shortcuts serve clean renders (every pixel exactly a palette colour, as in
+ground-truth outputs): the snap is a table lookup, and a pixel's blend-line owner depends
+only on its colour, so it is decided once per colour; and when every pixel near the
+residue region is the background colour itself, the smoothed deviation there is zero up
+to rounding (far below any threshold), so the 3x3 filter is skipped. Both rest on margins of
+the palette's geometry that are checked when this module is imported (`_margins_ok`).
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class Parsed:
 
 
 _PAL = _PALETTE / 255.0                                      # [P, 3] on [0, 1]
+_PAL2 = 2.0 * _PAL                                           # [P, 3]; doubling is exact
 _PAL_SQ = (_PAL ** 2).sum(1)                                 # [P]
 _LEVELS = np.arange(256, dtype=np.float32) / 255.0           # uint8 value -> pixel value on [0, 1]
 _SQUARE = np.ones((3, 3), bool)                              # 8-connectivity
@@ -92,6 +100,53 @@ _CROSS = ndimage.generate_binary_structure(2, 1)             # 4-connectivity (b
 _STACK_SQUARE = np.stack([np.zeros((3, 3), bool), _SQUARE, np.zeros((3, 3), bool)])  # per plane of a stack
 _STACK_CROSS = np.stack([np.zeros((3, 3), bool), _CROSS, np.zeros((3, 3), bool)])
 _KINDS = tuple((shape, size) for shape in SHAPES for size in SIZES)   # template order (first best IoU wins)
+
+
+# ------------------------------------------------------------------------ palette geometry
+
+def _pair_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Palette entry of every (red, green) and every (green, blue) pair of channel values,
+    [65536] uint8 each, indexed by the little-endian uint16 of the two bytes (255: none).
+    Both pairs of a pixel name the same entry exactly when it is that palette colour (the
+    pairs of the palette are distinct, checked here)."""
+    u8 = _PALETTE.astype(np.int64)                                               # [P, 3]
+    rg, gb = np.full(65536, 255, np.uint8), np.full(65536, 255, np.uint8)
+    rg[u8[:, 0] | u8[:, 1] << 8] = gb[u8[:, 1] | u8[:, 2] << 8] = np.arange(len(u8))
+    if len(set(rg.tolist())) != len(u8) + 1 or len(set(gb.tolist())) != len(u8) + 1:
+        raise AssertionError("palette pairs of channel values are not distinct")
+    return rg, gb
+
+
+_RG_ENTRY, _GB_ENTRY = _pair_tables()
+
+
+def _margins_ok() -> tuple[bool, bool]:
+    """The palette margins the shortcuts rely on (float64, far above float32 rounding):
+    (a) any two palette entries lie more than 2 * PRESENT_DISTANCE apart, so a pixel within
+    PRESENT_DISTANCE of an entry has it as its unique nearest entry; (b) for every background,
+    pixel colour and blend line of the palette, the line position is clearly off the midpoint,
+    and two lines at least one of which the pixel is past are at clearly different distances,
+    so the owner of a pixel of a palette colour does not hang on rounding."""
+    pal = _PALETTE.astype(np.float64) / 255.0
+    gaps = np.sqrt(((pal[:, None] - pal[None]) ** 2).sum(-1))[~np.eye(len(pal), dtype=bool)]
+    separated = bool(gaps.min() > 2 * PRESENT_DISTANCE + 1e-3)
+    clear = True
+    for bg in range(len(pal)):
+        lines = [c for c in range(N_OBJ_COLORS) if c != bg]
+        axes = pal[lines] - pal[bg]                                              # [L, 3]
+        rel = pal - pal[bg]                                                      # [P, 3]
+        t = rel @ axes.T / (axes ** 2).sum(1)                                    # [P, L]
+        e = rel[:, None] - np.clip(t, 0.0, 1.0)[..., None] * axes[None]          # [P, L, 3]
+        dist = (e ** 2).sum(-1)                                                  # [P, L]
+        past = t > 0.5
+        pair = past[:, :, None] | past[:, None, :]                               # [P, L, L]
+        off_diag = ~np.eye(len(lines), dtype=bool)[None]
+        close = np.abs(dist[:, :, None] - dist[:, None, :]) < 1e-5
+        clear &= bool(np.abs(t - 0.5).min() > 1e-4) and not (close & pair & off_diag).any()
+    return separated, clear
+
+
+_SEPARATED, _CLEAR_OWNERS = _margins_ok()
 
 
 # ------------------------------------------------------------------------ small exact helpers
@@ -128,33 +183,64 @@ def _tiled(colour: int, n: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------ pixel level
 
-def _snap(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest palette entry of every pixel of [HW, 3] (the first on ties) and its squared distance."""
+def _palette_index(img: np.ndarray) -> np.ndarray | None:
+    """[HW] uint8 palette entry of every pixel when every pixel is exactly a palette colour
+    (a clean render), else None: its (red, green) and its (green, blue) bytes, read as
+    uint16, must both name that entry."""
+    img = np.ascontiguousarray(img)
+    n = img.size // 3
+    entry = _RG_ENTRY.take(np.ndarray((n,), "<u2", img, 0, (3,)))              # [HW]
+    if entry.max() == 255 or not np.array_equal(entry, _GB_ENTRY.take(np.ndarray((n,), "<u2", img, 1, (3,)))):
+        return None
+    return entry
+
+
+def _distances(flat: np.ndarray) -> np.ndarray:
+    """Squared distance of every pixel of [HW, 3] to every palette entry, [P, HW]:
+    |x|^2 - 2 x.p + |p|^2 in float32, in that order (the snap's tie-breaking hangs on it)."""
     f0, f1, f2 = flat.T
     sq = (f0 * f0 + f1 * f1) + f2 * f2                                          # [HW] = (flat ** 2).sum(1)
-    cross = np.ascontiguousarray(((2.0 * flat) @ _PAL.T).T)                     # [P, HW]
-    return _argmin0((sq - cross) + _PAL_SQ[:, None])                            # squared distances [P, HW]
+    d = _PAL2 @ flat.T                                                          # [P, HW] = ((2 flat) @ _PAL.T).T
+    np.subtract(sq, d, out=d)
+    d += _PAL_SQ[:, None]
+    return d
 
 
-def _owners(flat: np.ndarray, bg_idx: int, present: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Which pixels belong to each colour of `present`, [Pp, HW] bool, and every pixel's
-    position t on each background->colour line (0 = background, 1 = colour), [Pp, HW]. A
-    pixel belongs to the line it is closest to (t clipped to [0, 1]) when past that line's
-    midpoint, so only pixels past some line's midpoint need the distances."""
+def _not_nearest(d: np.ndarray, entry: int) -> np.ndarray:
+    """[HW] bool: the nearest palette entry (the first on ties) is not `entry`, from d [P, HW]."""
+    de = d[entry]
+    out = np.logical_or.reduce(d[entry + 1:] < de, axis=0)                      # a later entry strictly nearer
+    if entry:
+        out |= np.logical_or.reduce(d[:entry] <= de, axis=0)                    # an earlier one as near
+    return out
+
+
+def _line_positions(flat: np.ndarray, bg_idx: int, present: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pixel's position t on each background->colour line of `present` (0 = background,
+    1 = colour), [Pp, HW]; with the pixels relative to the background [HW, 3] and the lines'
+    directions [Pp, 3]."""
     axes = _PAL[present] - _PAL[bg_idx]                                         # [Pp, 3]
     rel = (flat.ravel() - _tiled(bg_idx, len(flat))).reshape(-1, 3)             # [HW, 3] = flat - bg
-    t = np.ascontiguousarray((rel @ axes.T).T) / (axes ** 2).sum(1)[:, None]    # [Pp, HW]
+    t = axes @ rel.T                                                            # [Pp, HW] = (rel @ axes.T).T
+    t /= (axes ** 2).sum(1)[:, None]
+    return t, rel, axes
+
+
+def _owners(t: np.ndarray, rel: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """Which pixels belong to each line's colour, [Pp, HW] bool, from `_line_positions`. A
+    pixel belongs to the line it is closest to (t clipped to [0, 1]) when past that line's
+    midpoint, so only pixels past some line's midpoint need the distances."""
     past = t > 0.5
     if len(axes) == 1:
-        return past, t
+        return past
     idx = np.logical_or.reduce(past, axis=0).nonzero()[0]                       # [n]
     tc = np.minimum(np.maximum(t[:, idx], 0.0), 1.0)                            # [Pp, n] = np.clip(t, 0, 1)
     rel = rel[idx]                                                              # [n, 3]
     e0, e1, e2 = (rel[:, c] - tc * axes[:, c, None] for c in range(3))          # [Pp, n] per channel
-    best = ((e0 * e0 + e1 * e1) + e2 * e2).argmin(0)                            # squared distances [Pp, n]
+    best = _argmin0((e0 * e0 + e1 * e1) + e2 * e2)[0]                           # squared distances [Pp, n]
     members = np.zeros(t.shape, bool)
     members[best, idx] = past[best, idx]
-    return members, t
+    return members
 
 
 def _median_rgb(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
@@ -250,47 +336,45 @@ def _templates(canvas: int, fx: float, fy: float) -> tuple[np.ndarray, np.ndarra
     return solid, holes, c
 
 
-def _window(centre: float, n: int, c: int) -> tuple[slice, slice]:
-    """(crop slice, template-grid slice) of the overlap of a crop of length n whose box centre
-    sits at `centre` with a template grid of half-size c."""
-    a = int(centre)                                    # centre = a + {0, 0.5}
-    lo, hi = max(0, a - c), min(n, a + c)
-    return slice(lo, hi), slice(lo - a + c, hi - a + c)
+def _overlap(lo: int, hi: int, g0: int, c: int) -> tuple[slice, slice]:
+    """(image slice, template-grid slice) of the overlap of image span [lo, hi) with a
+    template grid of 2c px starting at image position g0."""
+    a, b = max(lo, g0), min(hi, g0 + 2 * c)
+    return slice(a, b), slice(a - g0, b - g0)
 
 
-def _classify(filled: np.ndarray, extents: list[tuple[int, int]], centres: list[tuple[float, float]],
-              tmaps: list[np.ndarray], geom: Geometry) -> list[tuple[str | None, str | None, str | None, float]]:
-    """(shape, size, fill, IoU) of each hole-filled component of the stack [N, h, w] (plane i
-    holds a crop of `extents[i]` = (h, w) at its top left; `centres[i]` = its box centre in it).
-    Shape and size: the best IoU (the first on ties) against the solid template of each
-    (shape, size); fill from `tmaps[i]` (per-pixel position on the background->colour line,
+def _classify(filled: np.ndarray, tight: tuple[int, int, int, int], window: tuple[int, int, int, int],
+              centre: tuple[float, float], tplane: np.ndarray,
+              canvas: int) -> tuple[str | None, str | None, str | None, float]:
+    """(shape, size, fill, IoU) of one hole-filled component, `filled` [h, w] = its `tight`
+    box (x0, y0, x1, y1 exclusive: the bounding box + 1 px), within the crop `window` around
+    it (bounding box + pad) that the templates are clipped to. Shape and size: the best IoU
+    (the first on ties) against the solid template of each (shape, size) placed at the box
+    `centre`; fill from `tplane` [H, W] (per-pixel position on the background->colour line,
     0 = background, 1 = object colour) averaged over the template's hole: a blurred small
-    hole still reads well below 1, while palette snapping would fill it in."""
-    n, h, w = filled.shape
-    temps = np.zeros((n, len(_KINDS) + 1, h, w), np.float32)                    # [N, 8 + 1, h, w] 0/1
-    temps[:, -1] = 1.0                                                          # counts the component
-    windows = []
-    for i, ((ch, cw), (cx, cy)) in enumerate(zip(extents, centres)):
-        solid, holes, c = _templates(geom.canvas, cx % 1, cy % 1)
-        (ys, gys), (xs, gxs) = _window(cy, ch, c), _window(cx, cw, c)
-        temps[i, :-1, ys, xs] = solid[:, gys, gxs]
-        windows.append((holes, ys, xs, gys, gxs))
-    temps = temps.reshape(n, len(_KINDS) + 1, h * w)
-    inter = (temps @ filled.reshape(n, h * w, 1).astype(np.float32))[..., 0]  # [N, 9] exact counts
-    inter, area = inter[:, :-1], inter[:, -1:]                                  # [N, 8], [N, 1]
-    union = np.maximum(1.0, area + np.add.reduce(temps[:, :-1], axis=2) - inter)
+    hole still reads well below 1, while palette snapping would fill it in.
+
+    The component lies inside its bounding box, so the intersections and its area need only
+    the tight box; the template areas count what lies inside the window. All are exact
+    integers, so IoU = int / int as for whole-window planes."""
+    cx, cy = centre
+    solid, holes, c = _templates(canvas, cx % 1, cy % 1)
+    gx, gy = int(cx) - c, int(cy) - c                                           # image position of grid (0, 0)
+    (X0, Y0, X1, Y1), (x0, y0, x1, y1) = window, tight
+    (wys, gwys), (wxs, gwxs) = _overlap(Y0, Y1, gy, c), _overlap(X0, X1, gx, c)
+    (tys, gtys), (txs, gtxs) = _overlap(y0, y1, gy, c), _overlap(x0, x1, gx, c)
+    part = filled[tys.start - y0:tys.stop - y0, txs.start - x0:txs.stop - x0]   # [a, b], in the grid
+    inter = solid[:, gtys, gtxs].reshape(len(_KINDS), -1) @ part.ravel().astype(np.float32)   # [8] exact counts
+    area = np.count_nonzero(filled)
+    union = np.maximum(1.0, area + np.add.reduce(solid[:, gwys, gwxs], axis=(1, 2)) - inter)  # [8]
     ious = inter.astype(np.float64) / union                                     # = int / int
-    best = ious.argmax(1)                                                       # the first best
-    out = []
-    for i, (k, iou) in enumerate(zip(best.tolist(), ious[np.arange(n), best].tolist())):
-        if iou == 0.0 or iou < MIN_IOU:
-            out.append((None, None, None, iou))
-            continue
-        holes, ys, xs, gys, gxs = windows[i]
-        inside = tmaps[i][ys, xs][holes[k, gys, gxs]]
-        level = _mean32(inside) if len(inside) else 1.0
-        out.append((*_KINDS[k], "solid" if level > HOLLOW_LEVEL else "hollow", iou))
-    return out
+    k = int(ious.argmax())                                                      # the first best
+    iou = float(ious[k])
+    if iou == 0.0 or iou < MIN_IOU:
+        return None, None, None, iou
+    inside = tplane[wys, wxs][holes[k, gwys, gwxs]]
+    level = _mean32(inside) if len(inside) else 1.0
+    return (*_KINDS[k], "solid" if level > HOLLOW_LEVEL else "hollow", iou)
 
 
 def _components(members: np.ndarray, margin: int) -> tuple[np.ndarray, list, np.ndarray, list]:
@@ -330,8 +414,9 @@ def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geome
     _, H, W = members.shape
     min_area = max(4, int(15 * geom.scale ** 2))
     pad = int(round(3 * geom.scale))
+    off_grid = 3 * geom.scale
     comps, slices, sizes, origins = _components(members, max(2, pad))
-    found = []                                          # (label, colour, box, crop window)
+    found = []                                          # (label, colour, box, crop window, tight box)
     for k, (pc, ys, xs) in enumerate(slices, start=1):
         if sizes[k] < min_area:
             continue
@@ -340,30 +425,69 @@ def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geome
         x0, x1, y0, y1 = xs.start + c0, xs.stop - 1 + c0, ys.start + r0, ys.stop - 1 + r0
         X0, Y0 = max(0, x0 - pad), max(0, y0 - pad)
         X1, Y1 = min(W, x1 + pad + 1), min(H, y1 + pad + 1)
-        found.append((k, pc, (x0, y0, x1, y1), (X0, Y0, X1, Y1)))
+        # the box + 1 px, within the window: holes are filled the same as in the window
+        # (outside the box, the window's background all reaches the window's edge)
+        tight = (max(X0, x0 - 1), max(Y0, y0 - 1), min(X1, x1 + 2), min(Y1, y1 + 2))
+        found.append((k, pc, (x0, y0, x1, y1), (X0, Y0, X1, Y1), tight))
     if not found:
         return []
-    crops = np.zeros((len(found), max(Y1 - Y0 for *_, (X0, Y0, X1, Y1) in found),
-                      max(X1 - X0 for *_, (X0, Y0, X1, Y1) in found)), bool)  # [N, h, w]
-    for i, (k, pc, _, (X0, Y0, X1, Y1)) in enumerate(found):
-        r0, c0 = origins[pc]                                                    # the window lies in the cut
-        np.equal(comps[pc, Y0 - r0:Y1 - r0, X0 - c0:X1 - c0], k, out=crops[i, :Y1 - Y0, :X1 - X0])
-    extents = [(Y1 - Y0, X1 - X0) for *_, (X0, Y0, X1, Y1) in found]
-    centres = [((x0 + x1 + 1) / 2.0 - X0, (y0 + y1 + 1) / 2.0 - Y0) for _, _, (x0, y0, x1, y1), (X0, Y0, _, _) in found]
-    tmaps = [t[pc].reshape(H, W)[Y0:Y1, X0:X1] for _, pc, _, (X0, Y0, X1, Y1) in found]
-    kinds = _classify(_fill_holes(crops), extents, centres, tmaps, geom)
+    crops = np.zeros((len(found), max(b[3] - b[1] for *_, b in found), max(b[2] - b[0] for *_, b in found)), bool)
+    for i, (k, pc, _, _, (tx0, ty0, tx1, ty1)) in enumerate(found):             # [N, h, w]; each in its cut
+        r0, c0 = origins[pc]
+        np.equal(comps[pc, ty0 - r0:ty1 - r0, tx0 - c0:tx1 - c0], k, out=crops[i, :ty1 - ty0, :tx1 - tx0])
+    filled = _fill_holes(crops)
     out = []
-    for i, ((k, pc, (x0, y0, x1, y1), (X0, Y0, X1, Y1)), (shape, size, fill, iou)) in enumerate(zip(found, kinds)):
+    for i, (k, pc, (x0, y0, x1, y1), window, tight) in enumerate(found):
+        tx0, ty0, tx1, ty1 = tight
         cx, cy = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0
+        shape, size, fill, iou = _classify(filled[i, :ty1 - ty0, :tx1 - tx0], tight, window, (cx, cy),
+                                           t[pc].reshape(H, W), geom.canvas)
         cell = geom.cell_of(cx, cy)
         if cell is not None:
             ccx, ccy = geom.center(cell)
-            if max(abs(cx - ccx), abs(cy - ccy)) > 3 * geom.scale:
+            if max(abs(cx - ccx), abs(cy - ccy)) > off_grid:
                 cell = None  # off the grid
         full = np.zeros((H, W), bool)
-        full[Y0:Y1, X0:X1] = crops[i, :Y1 - Y0, :X1 - X0]
+        full[ty0:ty1, tx0:tx1] = crops[i, :ty1 - ty0, :tx1 - tx0]
         out.append(Detection(COLORS_NAMES[present[pc]], shape, size, fill, cell, (cx, cy),
                              (x0, y0, x1, y1), int(sizes[k]), iou, full))
+    return out
+
+
+# ------------------------------------------------------------------------ residue
+
+def _may_hold_blob(cand: np.ndarray) -> bool:
+    """False when every 8-connected blob of `cand` [H, W] has at most 2 px: no pixel has two
+    neighbours in it (a connected set of 3 or more pixels has one that does)."""
+    h, w = cand.shape
+    p = np.zeros((h + 2, w + 2), np.uint8)
+    p[1:-1, 1:-1] = cand
+    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]                                    # [h + 2, w]
+    count = rows[:-2] + rows[1:-1] + rows[2:]                                   # [h, w] 3x3 sums, self included
+    return bool((count[cand] >= 3).any())
+
+
+def _residue(cand: np.ndarray, dev: np.ndarray, geom: Geometry) -> list[Residue]:
+    """8-connected blobs of `cand` [H, W] of at least `min_blob` px, in raster order."""
+    H, W = cand.shape
+    min_blob = max(4, int(8 * geom.scale ** 2))
+    if not _may_hold_blob(cand):                        # min_blob >= 4
+        return []
+    comps, n = ndimage.label(cand, structure=_SQUARE)
+    sizes = np.bincount(comps.ravel())
+    big = (np.flatnonzero(sizes[1:] >= min_blob) + 1).tolist()
+    if not big:
+        return []
+    slices = ndimage.find_objects(comps)
+    out = []
+    for k in big:
+        sl = slices[k - 1]
+        m = comps[sl] == k
+        ys, xs = sl
+        cx, cy = (xs.start + xs.stop) / 2.0, (ys.start + ys.stop) / 2.0
+        full = np.zeros((H, W), bool)
+        full[sl] = m
+        out.append(Residue(geom.cell_of(cx, cy), (cx, cy), int(sizes[k]), float(dev[sl][m].max()), full))
     return out
 
 
@@ -379,15 +503,25 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
     geom = Geometry(canvas)
     x = img.astype(np.float32) / 255.0                                                 # [H, W, 3]
     flat = x.reshape(-1, 3)                                                            # [HW, 3]
-    nearest, dmin = _snap(flat)
-    lab = nearest.reshape(H, W)                                                        # palette snap
-    counts = np.bincount(nearest[_border(H, max(1, int(round(geom.margin))))], minlength=len(PALETTE_NAMES))
-    bg_idx = int(counts.argmax())
+    border = _border(H, max(1, int(round(geom.margin))))
+    n_pal = len(PALETTE_NAMES)
+    entry = _palette_index(img) if _SEPARATED and _CLEAR_OWNERS else None            # [HW] or None
+    if entry is not None:
+        # a clean render: each pixel is its own nearest entry, at distance ~0
+        bg_idx = int(np.bincount(entry[border], minlength=n_pal).argmax())
+        confident = np.bincount(entry, minlength=n_pal)
+    else:
+        d = _distances(flat)                                                           # [P, HW]
+        bg_idx = int(np.bincount(_argmin0(d[:, border])[0], minlength=n_pal).argmax())
+        if _SEPARATED:      # a pixel within PRESENT_DISTANCE of an entry has it as its nearest
+            confident = np.count_nonzero(d[:N_OBJ_COLORS] < PRESENT_DISTANCE ** 2, axis=1)
+        else:
+            nearest, dmin = _argmin0(d)
+            confident = np.bincount(nearest[dmin < PRESENT_DISTANCE ** 2], minlength=n_pal)
     background = PALETTE_NAMES[bg_idx] if bg_idx >= N_OBJ_COLORS else None
 
     # a colour is present when enough pixels sit close to it; the blurred halo between two
     # colours is a mixture far from every palette entry and must not make a third one present
-    confident = np.bincount(nearest[dmin < PRESENT_DISTANCE ** 2], minlength=len(PALETTE_NAMES))
     present = [ci for ci in range(N_OBJ_COLORS) if ci != bg_idx and confident[ci] >= PRESENT_MIN_PIXELS]
     objects: list[Detection] = []
     if present:
@@ -395,36 +529,40 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
         # of the object it belongs to, blurred edges included. It goes to the line it is closest
         # to, and to that colour when past the line's midpoint. (Nearest palette point is not
         # enough: a blue/white blend is nearer purple than blue or white.)
-        members, t = _owners(flat, bg_idx, present)
+        t, rel, axes = _line_positions(flat, bg_idx, present)
+        if entry is not None:   # owners decided once per palette colour (_CLEAR_OWNERS)
+            members = _owners(*_line_positions(_PAL, bg_idx, present))[:, entry]
+        else:
+            members = _owners(t, rel, axes)
         objects = _objects(members.reshape(-1, H, W), t, present, geom)
 
     # residue: deviation from the image's own background colour, away from objects
     k_near, k_away = max(1, int(round(2 * geom.scale))), max(1, int(round(3 * geom.scale)))
     masks = np.zeros((2, H, W), bool)                                                  # [occupied, objects]
-    np.not_equal(lab, bg_idx, out=masks[0])
-    for d in objects:
-        masks[1] |= d.mask
+    if entry is not None:
+        np.not_equal(entry.reshape(H, W), bg_idx, out=masks[0])
+    else:
+        masks[0] = _not_nearest(d, bg_idx).reshape(H, W)
+    for o in objects:
+        masks[1] |= o.mask
     grown = _dilate(masks, k_near)                                   # a k_away dilation = k_near, then the rest
     free = ~grown[0]
     region = ~(_dilate(grown[1], k_away - k_near) if k_away > k_near else grown[1])   # away from objects
+    n_region = np.count_nonzero(region)
+    if entry is not None and free.any():
+        # The median of the free pixels is then exactly the background colour. When every
+        # occupied pixel lies within k_away - 1 px of an object, every pixel within 1 px of the
+        # region is that colour, so the smoothed difference in the region is zero up to the
+        # filter's rounding (~1e-13): no residue, no texture.
+        near_objects = (grown[1] if k_away - 1 == k_near else
+                        _dilate(masks[1], k_away - 1) if k_away > 1 else masks[1])
+        if not (masks[0] & ~near_objects).any():
+            # 0 / n_region: a numpy float like the count below
+            return Parsed(background, objects, [], np.intp(0) / n_region if n_region else 0.0, canvas)
     bg_rgb = _median_rgb(img, free if free.any() else np.ones_like(free))
     d0, d1, d2 = _box3(np.ascontiguousarray(x.transpose(2, 0, 1)) - bg_rgb[:, None, None])   # [3, H, W]
     dev = np.sqrt((d0 * d0 + d1 * d1) + d2 * d2)                                       # [H, W]
     cand = (dev > RESIDUE_THRESHOLD) & region
-    residue: list[Residue] = []
-    if cand.any():
-        comps, n = ndimage.label(cand, structure=_SQUARE)
-        min_blob = max(4, int(8 * geom.scale ** 2))
-        for k, sl in enumerate(ndimage.find_objects(comps), start=1):
-            m = comps[sl] == k
-            area = int(m.sum())
-            if area < min_blob:
-                continue
-            ys, xs = sl
-            cx, cy = (xs.start + xs.stop) / 2.0, (ys.start + ys.stop) / 2.0
-            full = np.zeros((H, W), bool)
-            full[sl] = m
-            residue.append(Residue(geom.cell_of(cx, cy), (cx, cy), area, float(dev[full].max()), full))
-    n_region = np.count_nonzero(region)
+    residue = _residue(cand, dev, geom) if cand.any() else []
     texture_fraction = np.count_nonzero((dev > TEXTURE_THRESHOLD) & region) / n_region if n_region else 0.0
     return Parsed(background, objects, residue, texture_fraction, canvas)
