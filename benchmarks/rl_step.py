@@ -93,7 +93,9 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     base = {"sessions_per_step": args.sessions, "group": args.group, "turns": args.turns, "rollout_steps": args.T,
             "max_steps": args.steps + 1, "eval_every": 0, "final_eval": False, "ckpt_every": 10_000,
             "threads": args.threads, "init": args.editor}
-    cfg = load_config(TrainConfig, overrides.pop("preset"), {**base, **overrides})
+    preset = overrides.pop("preset")
+    items = {**base, **overrides}
+    cfg = load_config(TrainConfig, preset, [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in items.items()])
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp) / "run", log=lambda m: None)
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()][1:]
