@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from editrl.bench import BenchConfig, compare_runs, run_bench
-from editrl.bench.harness import read_records
+from editrl.bench.harness import ImageSource, cache_keys, pending_requests, read_records, turn_texts_all
 from editrl.bench.metrics import ERR, FAIL, NA, PASS, Outcomes, paired_differences, per_turn_metrics
 from editrl.cli import main
+from editrl.judges.base import cache_key
 from editrl.session import CHECKS, EditrlInputError, read_sessions, write_sessions
 from editrl.world.check import FAULTS, make_fault
 from editrl.world.grammar import GrammarConfig, session_scenes
@@ -285,6 +286,50 @@ def test_two_judge_workers_give_the_same_results(gt_run, world, tmp_path):
     res = bench(tmp_path / "run", world / "sessions.jsonl", f"outputs:{world / 'targets'}", no_cache=True,
                 judge_workers=2, chunk_size=10)
     assert stable(res) == stable(gt_run[1]) and res["run"]["judge_calls"] == 36
+
+
+def test_batched_cache_keys_are_cache_key(world):
+    """The judge phase serializes each session's text once per chunk: every key must still be
+    `cache_key`'s, for each form and for judges with and without parameters."""
+    from editrl.bench.suites import load_suite
+    from editrl.editors import load_editor
+    from editrl.judges import ProgramJudge
+
+    class ParamJudge:
+        judge_id, prompt_version = "vlm:http://h/v1#M\u00e9", "v7"
+
+        def params(self):
+            return {"votes": 3, "temperature": 0.7, "think": False, "extra": {"b": [1, 2.5], "a": None}, "p": Path("/x")}
+
+    suite = load_suite(str(world / "sessions.jsonl"), None, None, 0)
+    assert any(s.global_constraint for s in suite.sessions) and any(not s.global_constraint for s in suite.sessions)
+    images = ImageSource(suite, world / "unused", load_editor(f"outputs:{world / 'targets'}", mode="explicit"))
+    for form in ("raw", "explicit"):
+        texts = turn_texts_all(suite.sessions, form)
+        todo = [p for s in suite.sessions for p in pending_requests(s, [1, 2, 3], images, texts, form, True)]
+        for judge in (ProgramJudge(), ParamJudge()):
+            assert cache_keys(judge, todo) == [cache_key(judge, p.request, p.hashes) for p in todo]
+
+
+def test_output_refs_are_resolved_paths(world, tmp_path):
+    """Records name outputs:DIR images by their resolved path (folders resolved once), links included."""
+    from editrl.bench.suites import load_suite
+    from editrl.editors import load_editor
+
+    suite = load_suite(str(world / "sessions.jsonl"), None, None, 0)
+    root = tmp_path / "outs"
+    shutil.copytree(world / "targets", root)
+    (tmp_path / "linked").symlink_to(root)
+    s0, s1 = suite.sessions[:2]
+    (root / s0.id / "turn_2.png").unlink()
+    (root / s0.id / "turn_2.png").symlink_to(root / s1.id / "turn_1.png")   # a file that is a link
+    images = ImageSource(suite, tmp_path / "run", load_editor(f"outputs:{tmp_path / 'linked'}", mode="explicit"))
+    for s in suite.sessions[:3]:
+        paths = images.paths(s)
+        for k in range(1, s.n_turns + 1):
+            assert images.output_ref(s, k, paths[k]) == images.output_ref(s, k) == str(paths[k].resolve())
+        assert images.source_ref(s, paths[0]) == str(suite.source_path(s).resolve())
+    assert images.output_ref(s0, 2) == str((root / s1.id / "turn_1.png").resolve())
 
 
 def test_read_records_cuts_a_torn_tail_and_refuses_corruption(tmp_path):

@@ -28,6 +28,7 @@ from editrl.world.grammar import (
     sample_session,
     session_scenes,
 )
+from editrl.world.io import png_bytes
 from editrl.world.parse import (
     _PALETTE,
     COLORS_NAMES,
@@ -326,6 +327,81 @@ def test_judge_footprint_cache_and_matching_are_the_direct_ones():
         matched, extras = match(expected, parsed)
         assert all(len(diff_attrs(o, matched[o.id])) <= 3 for o in expected.objects if matched[o.id] is not None)
         assert len(extras) == len(parsed.objects) - sum(d is not None for d in matched.values())
+
+
+def _palette_exact_images() -> list[tuple[str, np.ndarray]]:
+    """Images of palette colours only: renders (objects of every kind, full grids, every
+    background) and rectangles of palette colours (specks below the minimum area, touching
+    colours, thin strokes, blobs cut by the edge, backgrounds that are object colours)."""
+    out = [(f"combo {sc}", render(sc)) for bg in BACKGROUNDS for sc in _combo_scenes(bg)[::5]]
+    out += [(f"full {i}", render(sc)) for i, sc in enumerate(_random_full_scenes(12, seed=6))]
+    rng = np.random.default_rng(41)
+    palette = np.asarray(list(COLORS.values()) + list(BACKGROUNDS.values()), np.uint8)
+    for j in range(40):
+        img = np.empty((64, 64, 3), np.uint8)
+        img[:] = palette[int(rng.integers(len(palette)))]
+        for _ in range(int(rng.integers(1, 14))):
+            y, x = rng.integers(0, 63, 2)
+            h, w = rng.integers(1, 20, 2)
+            img[y:y + h, x:x + w] = palette[int(rng.integers(len(palette)))]
+        out.append((f"rectangles {j}", img))
+    return out
+
+
+def test_palette_exact_shortcuts_equal_the_general_path(monkeypatch):
+    """A palette-exact image takes parse's shortcuts (table snap, owners decided per colour,
+    the 3x3 filter skipped where the region is plain background): forcing the general path
+    gives the same result, to the bit."""
+    import editrl.world.parse as P
+
+    assert P._SEPARATED and P._CLEAR_OWNERS     # the shipped palette has the margins the shortcuts need
+    images = _palette_exact_images()
+    assert all(P._palette_index(img) is not None for _, img in images)
+    off = images[-1][1].copy()
+    off[5, 7, 1] += 1                           # one channel of one pixel off the palette
+    assert P._palette_index(off) is None
+    fast = [parse(img) for _, img in images]
+    monkeypatch.setattr(P, "_palette_index", lambda img: None)
+    for (what, img), p in zip(images, fast):
+        q = parse(img)
+        assert (p.background, p.texture_fraction, p.canvas) == (q.background, q.texture_fraction, q.canvas), what
+        assert type(p.texture_fraction) is type(q.texture_fraction), what
+        assert [(d.color, d.shape, d.size, d.fill, d.cell, d.center, d.bbox, d.area, d.iou) for d in p.objects] == \
+            [(d.color, d.shape, d.size, d.fill, d.cell, d.center, d.bbox, d.area, d.iou) for d in q.objects], what
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(p.objects, q.objects)), what
+        assert [(r.cell, r.center, r.area, r.peak) for r in p.residue] == [(r.cell, r.center, r.area, r.peak) for r in q.residue], what
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(p.residue, q.residue)), what
+
+
+def test_fast_png_reader_gives_load_pngs_pixels(tmp_path):
+    """The judge phase's PNG reader: the pixels of render.load_png for plain RGB PNGs, and
+    None (the caller then reads the file the ordinary way) for anything else."""
+    from PIL import Image, PngImagePlugin
+
+    from editrl.world._fastparse import read_png
+    from editrl.world.render import load_png, save_png
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    save_png(img, tmp_path / "saved.png")
+    (tmp_path / "bytes.png").write_bytes(png_bytes(render(_random_full_scenes(1, seed=2)[0])))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("note", "x" * 300, zip=True)
+    Image.fromarray(img).save(tmp_path / "text.png", pnginfo=info, optimize=True)
+    Image.fromarray(img).save(tmp_path / "trns.png", transparency=(1, 2, 3), compress_level=0)
+    for name in ("saved", "bytes", "text", "trns"):
+        got = read_png(tmp_path / f"{name}.png")
+        assert got is not None and got.flags.writeable and np.array_equal(got, load_png(tmp_path / f"{name}.png")), name
+    Image.fromarray(img).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(img).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(img).convert("L").save(tmp_path / "grey.png")
+    Image.fromarray(img).save(tmp_path / "jpeg.png", format="JPEG")
+    data = (tmp_path / "saved.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[:len(data) // 2])
+    (tmp_path / "bad_crc.png").write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("palette", "rgba", "grey", "jpeg", "truncated", "bad_crc", "empty", "missing"):
+        assert read_png(tmp_path / f"{name}.png") is None, name
 
 
 # ============================================================================ grammar

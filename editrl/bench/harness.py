@@ -32,6 +32,7 @@ that were missing, run again into a new folder (the cache makes that cheap).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -42,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..judges.base import JudgeRequest, cache_key, image_hash
+from ..judges.base import JudgeRequest, image_hash
 from ..session import EditrlInputError, Session, TurnVerdict, atomic_write_text
 from .cache import NoCache, VerdictCache, default_cache_path
 from .metrics import COMPARED, outcomes_from_records, overall_metrics, paired_differences, per_turn_metrics
@@ -304,39 +305,69 @@ class _Pending:
 
 
 class ImageSource:
-    """Where the images of a run are: generated under DIR/images, or an outputs:DIR folder."""
+    """Where the images of a run are: generated under DIR/images, or an outputs:DIR folder.
+    The judge phase asks for each session's paths once (`paths`) and hands them back to the
+    other methods; without them each method works them out itself."""
 
     def __init__(self, suite: Suite, out: Path, editor: Any) -> None:
         self.suite, self.out = suite, out
         self.outputs = editor if getattr(editor, "precomputed", False) else None
+        self._resolved_dirs: dict[str, str] = {}     # folder -> str(Path(folder).resolve())
 
     def output_path(self, s: Session, k: int) -> Path:
         return self.outputs.path(s.id, k) if self.outputs is not None else generated_path(self.out, s.id, k)
 
-    def output_ref(self, s: Session, k: int) -> str:
-        """The path written into records: relative to DIR for generated images."""
-        p = self.output_path(s, k)
-        return str(p.relative_to(self.out)) if self.outputs is None else str(p.resolve())
+    def paths(self, s: Session) -> list[Path | None]:
+        """[source, output of turn 1, ..., output of turn n]; the source is None when the
+        suite renders it."""
+        return [self.suite.source_path(s)] + [self.output_path(s, k) for k in range(1, s.n_turns + 1)]
 
-    def source_ref(self, s: Session) -> str | None:
+    def _resolved(self, p: Path) -> str:
+        """str(p.resolve()), resolving each folder once: a file that is not a symbolic link
+        resolves to its resolved folder joined with its name."""
+        folder, name = os.path.split(p)
+        if name in ("", ".", "..") or os.path.islink(p):
+            return str(p.resolve())
+        if folder not in self._resolved_dirs:
+            self._resolved_dirs[folder] = str(Path(folder).resolve())
+        return os.path.join(self._resolved_dirs[folder], name)
+
+    def output_ref(self, s: Session, k: int, path: Path | None = None) -> str:
+        """The path written into records: relative to DIR for generated images, else resolved."""
+        p = path or self.output_path(s, k)
+        return str(p.relative_to(self.out)) if self.outputs is None else self._resolved(p)
+
+    def source_ref(self, s: Session, path: Path | None = None) -> str | None:
         if self.outputs is None:
             return str(generated_path(self.out, s.id, 0).relative_to(self.out))
-        p = self.suite.source_path(s)
-        return None if p is None else str(p.resolve())
+        p = path or self.suite.source_path(s)
+        return None if p is None else self._resolved(p)
 
-    def first_missing(self, s: Session) -> int | None:
+    def first_missing(self, s: Session, paths: Sequence[Path | None] | None = None) -> int | None:
+        """The first turn whose output is not a file (outputs:DIR only), as the editor's
+        `first_missing` finds it."""
         if self.outputs is None:
             return None
-        return self.outputs.first_missing(s.id, s.n_turns)
+        if paths is None:
+            return self.outputs.first_missing(s.id, s.n_turns)
+        return next((k for k in range(1, s.n_turns + 1) if not paths[k].is_file()), None)
 
-    def load(self, s: Session, k: int) -> np.ndarray:
-        """Image of turn k (0 = the source)."""
+    def load(self, s: Session, k: int, path: Path | None = None) -> np.ndarray:
+        """Image of turn k (0 = the source). A plain RGB PNG is read by the fast path; any
+        other file (or a missing or broken one) the ordinary way, which reports errors."""
+        from ..world._fastparse import read_png
+
+        if path is None:
+            path = self.output_path(s, k) if k else self.suite.source_path(s)
+        img = read_png(path) if path is not None else None
+        if img is not None:
+            return img
         if k == 0:
             return self.suite.source(s)
         if self.outputs is not None:
             return self.outputs.load(s.id, k)
         from ..world.render import load_png
-        return load_png(self.output_path(s, k))
+        return load_png(path)
 
 
 def check_missing(images: ImageSource, sessions: Sequence[Session], allow_missing: bool) -> int:
@@ -354,18 +385,19 @@ def pending_requests(s: Session, turns: Sequence[int], images: ImageSource, text
                      same_size: bool) -> list[_Pending]:
     """The not-yet-recorded turns of one session: records with requests (images loaded and
     hashed once per session) or `missing` records."""
-    m = images.first_missing(s)
+    paths = images.paths(s)
+    m = images.first_missing(s, paths)
     last_present = s.n_turns if m is None else m - 1
     need = max((k for k in turns if k <= last_present), default=0)
-    imgs = [images.load(s, k) for k in range(0, need + 1)]
+    imgs = [images.load(s, k, paths[k]) for k in range(0, need + 1)]
     if same_size:
         for k in range(1, need + 1):
             if imgs[k].shape != imgs[0].shape:
                 h, w = imgs[0].shape[:2]
-                raise EditrlInputError(f"{images.output_path(s, k)}: {imgs[k].shape[1]}x{imgs[k].shape[0]} image, but the "
+                raise EditrlInputError(f"{paths[k]}: {imgs[k].shape[1]}x{imgs[k].shape[0]} image, but the "
                                        f"program judge needs the suite's size {w}x{h}")
     hashes = [image_hash(im) for im in imgs]
-    src_ref = images.source_ref(s)
+    src_ref = images.source_ref(s, paths[0])
     out = []
     for k in turns:
         t = s.turns[k - 1]
@@ -373,7 +405,7 @@ def pending_requests(s: Session, turns: Sequence[int], images: ImageSource, text
         rec = {"session_id": s.id, "turn": k, "status": "judged" if k <= last_present else "missing",
                "instruction": t.instruction, "explicit": t.explicit, "used": used, "context": ctx,
                "task_type": t.task_type, "pronoun": t.pronoun,
-               "images": {"source": src_ref, "output": images.output_ref(s, k)}}
+               "images": {"source": src_ref, "output": images.output_ref(s, k, paths[k])}}
         if k > last_present:
             out.append(_Pending({**rec, "verdict": None, "cache_hit": None}))
             continue
@@ -383,10 +415,37 @@ def pending_requests(s: Session, turns: Sequence[int], images: ImageSource, text
     return out
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def cache_keys(judge: Any, todo: Sequence[_Pending]) -> list[str]:
+    """`cache_key(judge, p.request, p.hashes)` of every pending request, with each session's
+    text serialized once rather than once per turn. The payload's JSON (sorted keys, no
+    indent) is put together from the JSON of its parts, which is the text json.dumps gives
+    for the whole (tests/test_bench.py holds this to cache_key)."""
+    judge_part = (f'"judge": {_json(judge.judge_id)}, "params": {_json(judge.params())}, '
+                  f'"prompt_version": {_json(judge.prompt_version)}')
+    texts: dict[int, tuple[str, list[str]]] = {}       # id(session) -> (constraint and scene, turns)
+    keys = []
+    for p in todo:
+        req, s = p.request, p.request.session
+        if id(s) not in texts:
+            constraint = s.global_constraint.model_dump(mode="json") if s.global_constraint else None
+            texts[id(s)] = (f'"constraint": {_json(constraint)}, "source_scene": {_json(s.source_scene)}',
+                            [_json(t.model_dump(mode="json")) for t in s.turns])
+        head, turns = texts[id(s)]
+        hashes = list(p.hashes) if p.hashes is not None else [image_hash(i) for i in req.images[: req.turn + 1]]
+        doc = (f'{{"explicit": {_json(req.explicit)}, "images": {_json(hashes)}, {judge_part}, '
+               f'"text": {{{head}, "turns": [{", ".join(turns[: req.turn])}]}}, "turn": {_json(req.turn)}}}')
+        keys.append(hashlib.sha256(doc.encode()).hexdigest())
+    return keys
+
+
 def judge_chunk(chunk: Sequence[_Pending], judge: Any, cache: Any, stats: RunStats) -> list[dict[str, Any]]:
     """Cache lookups, one judge call for the misses, cache writes; returns the finished records."""
     todo = [p for p in chunk if p.request is not None]
-    keys = [cache_key(judge, p.request, p.hashes) for p in todo]
+    keys = cache_keys(judge, todo)
     hits = cache.get_many(keys)
     miss = [j for j, key in enumerate(keys) if key not in hits]
     verdicts: dict[int, TurnVerdict] = {}
@@ -410,9 +469,9 @@ def judge_chunk(chunk: Sequence[_Pending], judge: Any, cache: Any, stats: RunSta
             done.append(p.record)
             continue
         hit = j not in verdicts
-        v = hits[keys[j]] if hit else verdicts[j]
-        v = v.model_copy(update={"session_id": p.request.session.id, "turn": p.request.turn})
-        done.append({**p.record, "verdict": v.model_dump(mode="json"), "cache_hit": hit,
+        v = (hits[keys[j]] if hit else verdicts[j]).model_dump(mode="json")
+        v["session_id"], v["turn"] = p.request.session.id, p.request.turn   # a cached verdict may be another session's
+        done.append({**p.record, "verdict": v, "cache_hit": hit,
                      "timing": {"judge_s": 0.0 if hit else dt / len(miss)}})
         j += 1
     return done

@@ -234,13 +234,23 @@ def _owners(t: np.ndarray, rel: np.ndarray, axes: np.ndarray) -> np.ndarray:
     if len(axes) == 1:
         return past
     idx = np.logical_or.reduce(past, axis=0).nonzero()[0]                       # [n]
-    tc = np.minimum(np.maximum(t[:, idx], 0.0), 1.0)                            # [Pp, n] = np.clip(t, 0, 1)
-    rel = rel[idx]                                                              # [n, 3]
+    tc = np.minimum(np.maximum(np.take(t, idx, axis=1), 0.0), 1.0)              # [Pp, n] = np.clip(t, 0, 1)
+    rel = np.take(rel, idx, axis=0)                                             # [n, 3]
     e0, e1, e2 = (rel[:, c] - tc * axes[:, c, None] for c in range(3))          # [Pp, n] per channel
-    best = _argmin0((e0 * e0 + e1 * e1) + e2 * e2)[0]                           # squared distances [Pp, n]
-    members = np.zeros(t.shape, bool)
-    members[best, idx] = past[best, idx]
-    return members
+    best = ((e0 * e0 + e1 * e1) + e2 * e2).argmin(0)                            # squared distances [Pp, n]
+    at = best * t.shape[1] + idx                                                # flat index of (best, idx)
+    members = np.zeros(t.size, bool)
+    members[at] = past.ravel()[at]
+    return members.reshape(t.shape)
+
+
+@lru_cache(maxsize=256)
+def _owner_table(bg_idx: int, present: tuple[int, ...]) -> np.ndarray:
+    """`_owners` of a pixel of each palette colour, [Pp, P] bool: with `_CLEAR_OWNERS`, a
+    pixel's owner depends on nothing but its colour (no decision is within rounding)."""
+    out = _owners(*_line_positions(_PAL, bg_idx, list(present)))
+    out.flags.writeable = False
+    return out
 
 
 def _median_rgb(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
@@ -284,25 +294,6 @@ def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
     return out[..., :w]
 
 
-def _erode3(mask: np.ndarray) -> np.ndarray:
-    """Erosion of [..., H, W] by a 3x3 square, outside = False (edge pixels never survive)."""
-    *lead, h, w = mask.shape
-    padded = np.zeros((*lead, h, w + 1), bool)
-    padded[..., :w] = mask
-    flat = padded.ravel()
-    cols = flat.copy()
-    cols[1:] &= flat[:-1]
-    cols[0] = False
-    cols[:-1] &= flat[1:]
-    cols = cols.reshape(padded.shape)
-    out = cols.copy()
-    out[..., 1:, :] &= cols[..., :-1, :]
-    out[..., :-1, :] &= cols[..., 1:, :]
-    out[..., 0, :] = False
-    out[..., -1, :] = False
-    return out[..., :w]
-
-
 def _fill_holes(stack: np.ndarray) -> np.ndarray:
     """ndimage.binary_fill_holes of every plane of [N, h, w] (background not 4-connected to
     the plane's edge becomes foreground), in one labelling. A mask smaller than its plane
@@ -311,8 +302,8 @@ def _fill_holes(stack: np.ndarray) -> np.ndarray:
     open_ = np.zeros(n + 1, bool)
     open_[0] = True                                     # the masks themselves
     for edge in (regions[:, 0], regions[:, -1], regions[:, :, 0], regions[:, :, -1]):
-        open_[edge] = True
-    return stack | ~open_[regions]
+        np.put(open_, edge, True)
+    return stack | ~np.take(open_, regions)
 
 
 # ------------------------------------------------------------------------ shapes
@@ -336,45 +327,78 @@ def _templates(canvas: int, fx: float, fy: float) -> tuple[np.ndarray, np.ndarra
     return solid, holes, c
 
 
-def _overlap(lo: int, hi: int, g0: int, c: int) -> tuple[slice, slice]:
-    """(image slice, template-grid slice) of the overlap of image span [lo, hi) with a
-    template grid of 2c px starting at image position g0."""
-    a, b = max(lo, g0), min(hi, g0 + 2 * c)
-    return slice(a, b), slice(a - g0, b - g0)
+@dataclass(frozen=True)
+class _Bank:
+    """The templates of one canvas at the four placements (fx, fy) in {0, 1/2}^2 of a box
+    centre, indexed g = 2 * (fy > 0) + (fx > 0): their holes [4, 8, 2C, 2C] bool; the solid
+    ones as columns g * 8 + kind of a [(2C)^2, 32] float32 matrix (for every component's
+    intersections in one product); and their summed-area tables [4, 2C + 1, 2C + 1, 8]
+    (area inside any window in four lookups)."""
+    c: int
+    holes: np.ndarray
+    matrix: np.ndarray
+    areas: np.ndarray
 
 
-def _classify(filled: np.ndarray, tight: tuple[int, int, int, int], window: tuple[int, int, int, int],
-              centre: tuple[float, float], tplane: np.ndarray,
-              canvas: int) -> tuple[str | None, str | None, str | None, float]:
-    """(shape, size, fill, IoU) of one hole-filled component, `filled` [h, w] = its `tight`
-    box (x0, y0, x1, y1 exclusive: the bounding box + 1 px), within the crop `window` around
-    it (bounding box + pad) that the templates are clipped to. Shape and size: the best IoU
-    (the first on ties) against the solid template of each (shape, size) placed at the box
-    `centre`; fill from `tplane` [H, W] (per-pixel position on the background->colour line,
-    0 = background, 1 = object colour) averaged over the template's hole: a blurred small
-    hole still reads well below 1, while palette snapping would fill it in.
+@lru_cache(maxsize=16)
+def _bank(canvas: int) -> _Bank:
+    grids = [_templates(canvas, fx, fy) for fy in (0.0, 0.5) for fx in (0.0, 0.5)]
+    c = grids[0][2]
+    solid = np.stack([s for s, _, _ in grids])                                  # [4, 8, 2C, 2C] 0/1
+    areas = np.zeros((4, 2 * c + 1, 2 * c + 1, len(_KINDS)), np.int64)
+    areas[:, 1:, 1:] = solid.astype(np.int64).cumsum(2).cumsum(3).transpose(0, 2, 3, 1)
+    matrix = np.ascontiguousarray(solid.reshape(4 * len(_KINDS), -1).T)       # [(2C)^2, 32]
+    holes = np.stack([h for _, h, _ in grids])
+    for a in (matrix, areas, holes):
+        a.flags.writeable = False
+    return _Bank(c, holes, matrix, areas)
 
-    The component lies inside its bounding box, so the intersections and its area need only
-    the tight box; the template areas count what lies inside the window. All are exact
-    integers, so IoU = int / int as for whole-window planes."""
-    cx, cy = centre
-    solid, holes, c = _templates(canvas, cx % 1, cy % 1)
-    gx, gy = int(cx) - c, int(cy) - c                                           # image position of grid (0, 0)
-    (X0, Y0, X1, Y1), (x0, y0, x1, y1) = window, tight
-    (wys, gwys), (wxs, gwxs) = _overlap(Y0, Y1, gy, c), _overlap(X0, X1, gx, c)
-    (tys, gtys), (txs, gtxs) = _overlap(y0, y1, gy, c), _overlap(x0, x1, gx, c)
-    part = filled[tys.start - y0:tys.stop - y0, txs.start - x0:txs.stop - x0]   # [a, b], in the grid
-    inter = solid[:, gtys, gtxs].reshape(len(_KINDS), -1) @ part.ravel().astype(np.float32)   # [8] exact counts
-    area = np.count_nonzero(filled)
-    union = np.maximum(1.0, area + np.add.reduce(solid[:, gwys, gwxs], axis=(1, 2)) - inter)  # [8]
+
+def _classify(filled: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int],
+                                                     tuple[float, float]]],
+              tplanes: list[np.ndarray], canvas: int) -> list[tuple[str | None, str | None, str | None, float]]:
+    """(shape, size, fill, IoU) of each hole-filled component, `filled` [N, h, w]: plane i
+    holds component i's `tight` box (x0, y0, x1, y1 exclusive: the bounding box + 1 px) at
+    its top left; `boxes[i]` = (tight box, crop window around it (bounding box + pad) that the
+    templates are clipped to, box centre). Shape and size: the best IoU (the first on ties)
+    against the solid template of each (shape, size) placed at the box centre; fill from
+    `tplanes[i]` [H, W] (per-pixel position on the background->colour line, 0 = background,
+    1 = object colour) averaged over the template's hole: a blurred small hole still reads
+    well below 1, while palette snapping would fill it in.
+
+    A component lies inside its bounding box, so its intersections and area need only the
+    tight box; a template's area counts what lies inside the window. All are exact integers,
+    so IoU = int / int as for whole-window planes."""
+    bank = _bank(canvas)
+    c, n = bank.c, len(boxes)
+    side = 2 * c + 1                                                            # of a summed-area table
+    parts = np.zeros((n, 2 * c, 2 * c), np.float32)                             # [N, 2C, 2C] tight box on the grid
+    placed, rows, corners = [], [], []
+    for i, ((tx0, ty0, tx1, ty1), (X0, Y0, X1, Y1), (cx, cy)) in enumerate(boxes):
+        g = 2 * (cy % 1 > 0) + (cx % 1 > 0)                                     # placement
+        gx, gy = int(cx) - c, int(cy) - c                                       # image position of grid (0, 0)
+        a, b, e, f = max(ty0, gy), min(ty1, gy + 2 * c), max(tx0, gx), min(tx1, gx + 2 * c)
+        parts[i, a - gy:b - gy, e - gx:f - gx] = filled[i, a - ty0:b - ty0, e - tx0:f - tx0]
+        a, b, e, f = max(Y0, gy) - gy, min(Y1, gy + 2 * c) - gy, max(X0, gx) - gx, min(X1, gx + 2 * c) - gx
+        placed.append((g, gx, gy, a, b, e, f))                                  # the window on the grid
+        rows.append(4 * i + g)
+        corners.append([(g * side + y) * side + x for y, x in ((b, f), (a, f), (b, e), (a, e))])
+    inter = np.take((parts.reshape(n, -1) @ bank.matrix).reshape(4 * n, -1), rows, axis=0)   # [N, 8] exact counts
+    s = np.take(bank.areas.reshape(-1, len(_KINDS)), corners, axis=0)           # [N, 4, 8]
+    template_area = (s[:, 0] - s[:, 1]) - (s[:, 2] - s[:, 3])                   # [N, 8] inside the window
+    area = np.add.reduce(filled.reshape(n, -1), axis=1)                         # [N]
+    union = np.maximum(1.0, area[:, None] + template_area - inter)
     ious = inter.astype(np.float64) / union                                     # = int / int
-    k = int(ious.argmax())                                                      # the first best
-    iou = float(ious[k])
-    if iou == 0.0 or iou < MIN_IOU:
-        return None, None, None, iou
-    inside = tplane[wys, wxs][holes[k, gwys, gwxs]]
-    level = _mean32(inside) if len(inside) else 1.0
-    return (*_KINDS[k], "solid" if level > HOLLOW_LEVEL else "hollow", iou)
+    out = []
+    for i, (k, iou) in enumerate(zip(ious.argmax(1).tolist(), ious.max(1).tolist())):   # the first best
+        if iou == 0.0 or iou < MIN_IOU:
+            out.append((None, None, None, iou))
+            continue
+        g, gx, gy, a, b, e, f = placed[i]
+        inside = tplanes[i][a + gy:b + gy, e + gx:f + gx][bank.holes[g, k, a:b, e:f]]
+        level = _mean32(inside) if len(inside) else 1.0
+        out.append((*_KINDS[k], "solid" if level > HOLLOW_LEVEL else "hollow", iou))
+    return out
 
 
 def _components(members: np.ndarray, margin: int) -> tuple[np.ndarray, list, np.ndarray, list]:
@@ -386,25 +410,42 @@ def _components(members: np.ndarray, margin: int) -> tuple[np.ndarray, list, np.
     full mask on its own numbers them; the closing equals the full-image one (the cut holds
     everything within 2 px of the colour)."""
     n_colours, H, W = members.shape
-    rows_any = np.logical_or.reduce(members, axis=2)                            # [Pp, H]
+    flat = members.reshape(n_colours, -1)                                       # [Pp, HW]
     cols_any = np.logical_or.reduce(members, axis=1)                            # [Pp, W]
     cuts, origins = [], []
     for p in range(n_colours):
-        rows, cols = rows_any[p].nonzero()[0], cols_any[p].nonzero()[0]
-        r0, r1 = max(0, int(rows[0]) - margin), min(H, int(rows[-1]) + margin + 1)
+        first, last = int(flat[p].argmax()), H * W - 1 - int(flat[p, ::-1].argmax())   # the first True of each end
+        cols = cols_any[p].nonzero()[0]
+        r0, r1 = max(0, first // W - margin), min(H, last // W + margin + 1)
         c0, c1 = max(0, int(cols[0]) - margin), min(W, int(cols[-1]) + margin + 1)
         cuts.append(members[p, r0:r1, c0:c1])
         origins.append((r0, c0))
+    comps, _ = ndimage.label(_close3(cuts), structure=_STACK_SQUARE)
+    return comps, ndimage.find_objects(comps), np.bincount(comps.ravel()), origins
+
+
+def _close3(cuts: list[np.ndarray]) -> np.ndarray:
+    """3x3 closing of each [h_i, w_i] mask of `cuts`, outside = False, stacked [N, h, w] with
+    each at the top left of its plane (False elsewhere); what the dilation spills past a mask
+    is outside the image and cleared before the erosion. Both steps are shifted ORs / ANDs
+    within a 1 px ring of False."""
     h, w = max(c.shape[0] for c in cuts), max(c.shape[1] for c in cuts)
-    stack = np.zeros((n_colours, h, w), bool)
+    buf = np.zeros((len(cuts), h + 2, w + 2), bool)                             # [N, h + 2, w + 2]
     for p, cut in enumerate(cuts):
-        stack[p, :cut.shape[0], :cut.shape[1]] = cut
-    grown = _dilate(stack, 1)
+        buf[p, 1:cut.shape[0] + 1, 1:cut.shape[1] + 1] = cut
+    rows = buf[:, :, :-2] | buf[:, :, 1:-1]
+    rows |= buf[:, :, 2:]                                                       # [N, h + 2, w]
+    grown = rows[:, :-2] | rows[:, 1:-1]
+    grown |= rows[:, 2:]                                                        # [N, h, w] dilated
     for p, cut in enumerate(cuts):          # a cut that ends at the image's edge: what the
         grown[p, cut.shape[0]:] = False     # dilation spilled past it is outside the image
         grown[p, :, cut.shape[1]:] = False
-    comps, _ = ndimage.label(_erode3(grown), structure=_STACK_SQUARE)
-    return comps, ndimage.find_objects(comps), np.bincount(comps.ravel()), origins
+    buf[:, 1:-1, 1:-1] = grown
+    rows = buf[:, :, :-2] & buf[:, :, 1:-1]
+    rows &= buf[:, :, 2:]
+    closed = rows[:, :-2] & rows[:, 1:-1]
+    closed &= rows[:, 2:]                                                       # [N, h, w] eroded
+    return closed
 
 
 def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geometry) -> list[Detection]:
@@ -415,7 +456,7 @@ def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geome
     min_area = max(4, int(15 * geom.scale ** 2))
     pad = int(round(3 * geom.scale))
     off_grid = 3 * geom.scale
-    comps, slices, sizes, origins = _components(members, max(2, pad))
+    comps, slices, sizes, origins = _components(members, 2)   # holds each component's box + 1 px
     found = []                                          # (label, colour, box, crop window, tight box)
     for k, (pc, ys, xs) in enumerate(slices, start=1):
         if sizes[k] < min_area:
@@ -435,13 +476,10 @@ def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geome
     for i, (k, pc, _, _, (tx0, ty0, tx1, ty1)) in enumerate(found):             # [N, h, w]; each in its cut
         r0, c0 = origins[pc]
         np.equal(comps[pc, ty0 - r0:ty1 - r0, tx0 - c0:tx1 - c0], k, out=crops[i, :ty1 - ty0, :tx1 - tx0])
-    filled = _fill_holes(crops)
+    boxes = [(tight, window, ((x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0)) for _, _, (x0, y0, x1, y1), window, tight in found]
+    kinds = _classify(_fill_holes(crops), boxes, [t[pc].reshape(H, W) for _, pc, *_ in found], geom.canvas)
     out = []
-    for i, (k, pc, (x0, y0, x1, y1), window, tight) in enumerate(found):
-        tx0, ty0, tx1, ty1 = tight
-        cx, cy = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0
-        shape, size, fill, iou = _classify(filled[i, :ty1 - ty0, :tx1 - tx0], tight, window, (cx, cy),
-                                           t[pc].reshape(H, W), geom.canvas)
+    for i, ((k, pc, bbox, _, (tx0, ty0, tx1, ty1)), (_, _, (cx, cy)), (shape, size, fill, iou)) in enumerate(zip(found, boxes, kinds)):
         cell = geom.cell_of(cx, cy)
         if cell is not None:
             ccx, ccy = geom.center(cell)
@@ -449,8 +487,7 @@ def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geome
                 cell = None  # off the grid
         full = np.zeros((H, W), bool)
         full[ty0:ty1, tx0:tx1] = crops[i, :ty1 - ty0, :tx1 - tx0]
-        out.append(Detection(COLORS_NAMES[present[pc]], shape, size, fill, cell, (cx, cy),
-                             (x0, y0, x1, y1), int(sizes[k]), iou, full))
+        out.append(Detection(COLORS_NAMES[present[pc]], shape, size, fill, cell, (cx, cy), bbox, int(sizes[k]), iou, full))
     return out
 
 
@@ -508,13 +545,13 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
     entry = _palette_index(img) if _SEPARATED and _CLEAR_OWNERS else None            # [HW] or None
     if entry is not None:
         # a clean render: each pixel is its own nearest entry, at distance ~0
-        bg_idx = int(np.bincount(entry[border], minlength=n_pal).argmax())
+        bg_idx = int(np.bincount(entry.take(border), minlength=n_pal).argmax())
         confident = np.bincount(entry, minlength=n_pal)
     else:
         d = _distances(flat)                                                           # [P, HW]
-        bg_idx = int(np.bincount(_argmin0(d[:, border])[0], minlength=n_pal).argmax())
+        bg_idx = int(np.bincount(np.take(d, border, axis=1).argmin(0), minlength=n_pal).argmax())
         if _SEPARATED:      # a pixel within PRESENT_DISTANCE of an entry has it as its nearest
-            confident = np.count_nonzero(d[:N_OBJ_COLORS] < PRESENT_DISTANCE ** 2, axis=1)
+            confident = np.add.reduce(d[:N_OBJ_COLORS] < PRESENT_DISTANCE ** 2, axis=1)
         else:
             nearest, dmin = _argmin0(d)
             confident = np.bincount(nearest[dmin < PRESENT_DISTANCE ** 2], minlength=n_pal)
@@ -531,7 +568,7 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
         # enough: a blue/white blend is nearer purple than blue or white.)
         t, rel, axes = _line_positions(flat, bg_idx, present)
         if entry is not None:   # owners decided once per palette colour (_CLEAR_OWNERS)
-            members = _owners(*_line_positions(_PAL, bg_idx, present))[:, entry]
+            members = np.take(_owner_table(bg_idx, tuple(present)), entry, axis=1)
         else:
             members = _owners(t, rel, axes)
         objects = _objects(members.reshape(-1, H, W), t, present, geom)

@@ -53,15 +53,26 @@ def match(expected: Scene, parsed: Parsed) -> tuple[dict[int, Detection | None],
     if not objs or not dets:
         return out, list(dets)
     n, m = len(objs), len(dets)
-    cost = np.full((n, m + n), _UNMATCHED_COST)
     det_values = [_attr_values(d) for d in dets]
-    cost[:, :m] = [[sum(map(ne, _attr_values(o), dv)) for dv in det_values] for o in objs]  # differing attributes
-    rows, cols = linear_sum_assignment(cost)
-    used = set()
-    for i, j in zip(rows, cols):
-        if j < m and cost[i, j] < _UNMATCHED_COST:
-            out[objs[i].id] = dets[j]
-            used.add(j)
+    same: dict[tuple, list[int]] = {}                   # attribute values -> detections showing them
+    for j, dv in enumerate(det_values):
+        same.setdefault(dv, []).append(j)
+    exact = [same.get(_attr_values(o), ()) for o in objs]
+    if all(len(js) == 1 for js in exact) and len({js[0] for js in exact}) == n:
+        # each expected object has exactly one detection with no differing attribute, each a
+        # different one: the only assignment of cost 0, so the one the Hungarian solver finds
+        used = {js[0] for js in exact}
+        for o, js in zip(objs, exact):
+            out[o.id] = dets[js[0]]
+    else:
+        cost = np.full((n, m + n), _UNMATCHED_COST)
+        cost[:, :m] = [[sum(map(ne, _attr_values(o), dv)) for dv in det_values] for o in objs]  # differing attributes
+        rows, cols = linear_sum_assignment(cost)
+        used = set()
+        for i, j in zip(rows, cols):
+            if j < m and cost[i, j] < _UNMATCHED_COST:
+                out[objs[i].id] = dets[j]
+                used.add(j)
     return out, [d for j, d in enumerate(dets) if j not in used]
 
 
