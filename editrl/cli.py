@@ -316,6 +316,52 @@ bench_app = typer.Typer(add_completion=False, help="Run SUITE through EDITOR and
                         "DIR/results.json, records.jsonl and report.html (resumable, verdicts cached). "
                         "'bench compare DIR_A DIR_B': paired per-turn differences.")
 app.add_typer(bench_app, name="bench")
+intent_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Session-intent reconstruction: rewrite each instruction into an explicit one.")
+app.add_typer(intent_app, name="intent")
+
+
+@intent_app.command("eval")
+def intent_eval(
+    suite: str = typer.Option(..., "--suite", help="shapes | shapes-long | a sessions JSONL (editrl, MICE-Bench or EdiVal records)"),
+    intent: str = typer.Option(..., "--intent", help="none | rules | tiny | tiny:PATH | llm:hf:PATH | llm:URL#MODEL"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for summary.json and rows.jsonl (every turn)"),
+    sessions: Optional[int] = typer.Option(None, "--sessions", help="shapes: how many (default 50); a file: the first N"),
+    turns: Optional[int] = typer.Option(None, "--turns", help="shapes: turns per session; a file: at most K turns"),
+    seed: int = typer.Option(0, "--seed", help="shapes sessions"),
+) -> None:
+    """Run a reconstructor over every turn of SUITE and score it against the bracketed explicit instructions."""
+    from .bench.suites import load_suite
+    from .intent import load_reconstructor
+    from .intent.base import RawInstruction
+    from .intent.evaluate import evaluate_sessions
+    from .session import atomic_write_text
+
+    s = load_suite(suite, sessions, turns, seed)
+    rec = load_reconstructor(intent) or RawInstruction()
+    if out is not None and out.exists() and not out.is_dir():
+        raise EditrlInputError(f"--out {out} exists and is not a folder")
+    t0 = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task(f"intent {intent}", total=sum(x.n_turns for x in s.sessions))
+        res = evaluate_sessions(rec, s.sessions, progress=lambda n: bar.advance(task, n))
+    summary = {"suite": suite, "kind": s.kind, "intent": intent, "sessions": len(s.sessions), **res["summary"],
+               "seconds": round(time.perf_counter() - t0, 3)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in res["rows"]))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    table = Table(title=escape(f"intent {intent} on {suite} ({len(s.sessions)} sessions, {summary['turns']} turns)"))
+    for col in ("measure", "value", "turns"):
+        table.add_column(col)
+    table.add_row("referent accuracy", _rate(summary["referent_accuracy"]), str(summary["referent_turns"]))
+    table.add_row("  on pronoun turns", _rate(summary["referent_accuracy_pronoun"]), str(summary["pronoun_referent_turns"]))
+    table.add_row("constraint accuracy", _rate(summary["constraint_accuracy"]), str(summary["constraint_turns"]))
+    table.add_row("exact match", _rate(summary["exact_match"]), str(summary["turns"]))
+    table.add_row("reconstructor errors", str(summary["errors"]), str(summary["turns"]))
+    err.print(table)
+    emit(summary)
+
 
 
 def _rate(v: Optional[float]) -> str:
@@ -333,6 +379,7 @@ def bench(
     turns: Optional[int] = typer.Option(None, "--turns", help="shapes: turns per session (default 3); a file: at most K turns"),
     seed: int = typer.Option(0, "--seed", help="shapes sessions, editor noise and bootstrap"),
     form: str = typer.Option("auto", "--form", help="text the editor sees: explicit | raw | in_context | auto"),
+    intent: str = typer.Option("none", "--intent", help="reconstruct each instruction first: none | rules | tiny[:PATH] | llm:hf:PATH | llm:URL#MODEL"),
     steps: Optional[int] = typer.Option(None, "--steps", help="ODE steps (default: the editor's)"),
     batch_size: int = typer.Option(32, "--batch-size", help="sessions per editor batch"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="verdict cache (default $EDITRL_CACHE_DIR/judgements.sqlite or ~/.cache/editrl/judgements.sqlite)"),
@@ -365,7 +412,7 @@ def bench(
     cfg = BenchConfig(suite=suite, editor=editor, judge=judge, out=out, sessions=sessions, turns=turns, seed=seed,
                       form=form, steps=steps, batch_size=batch_size, cache=cache, no_cache=no_cache,
                       bootstrap=bootstrap, strips=strips, allow_missing=allow_missing, chunk_size=chunk_size,
-                      judge_workers=judge_workers,
+                      judge_workers=judge_workers, intent=intent,
                       judge_options={k: v for k, v in opts.items() if v is not None})
     bars: list[Progress] = []   # started on first use, so that bad input prints one line only
 

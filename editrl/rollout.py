@@ -34,8 +34,9 @@ def turn_texts(session: Session, k: int, form: str) -> tuple[str, list[str]]:
 
 def rollout(editor, sessions: Sequence[Session], sources: Sequence[np.ndarray], form: str = "explicit",
             steps: int = 10, seed: int = 0, batch_size: int = 64, turns: int | None = None,
-            progress=None) -> list[list[np.ndarray]]:
-    """outputs[i][k-1] = the image after turn k of session i."""
+            progress=None, texts: dict | None = None) -> list[list[np.ndarray]]:
+    """outputs[i][k-1] = the image after turn k of session i. `texts[(session id, k)] =
+    (text, context)` replaces the form's text (e.g. reconstructed explicit instructions)."""
     import torch  # imported here so that `turn_texts` alone (e.g. benchmarking precomputed outputs) needs no torch
 
     if len(sessions) != len(sources):
@@ -51,8 +52,9 @@ def rollout(editor, sessions: Sequence[Session], sources: Sequence[np.ndarray], 
                 live = [j for j, i in enumerate(idx) if sessions[i].n_turns >= k]
                 if not live:
                     break
-                texts, ctxs = zip(*(turn_texts(sessions[idx[j]], k, form) for j in live))
-                imgs = editor.edit([current[j] for j in live], list(texts), [list(c) for c in ctxs],
+                given, ctxs = zip(*(texts[(sessions[idx[j]].id, k)] if texts is not None
+                                    else turn_texts(sessions[idx[j]], k, form) for j in live))
+                imgs = editor.edit([current[j] for j in live], list(given), [list(c) for c in ctxs],
                                    generator=gen, steps=steps)
                 for j, img in zip(live, imgs):
                     current[j] = img

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..intent import load_reconstructor
 from ..judges.base import JudgeRequest, image_hash
 from ..session import EditrlInputError, Session, TurnVerdict, atomic_write_text
 from .cache import NoCache, VerdictCache, default_cache_path
@@ -77,6 +78,7 @@ class BenchConfig:
     chunk_size: int = 64             # requests per judge call / per records append
     judge_workers: int = 1           # program judge: worker processes (VLM judges have --concurrency)
     judge_options: dict[str, Any] = field(default_factory=dict)
+    intent: str = "none"             # reconstructor writing the editor's text: none | rules | tiny[:PATH] | llm:...
 
 
 @dataclass
@@ -227,6 +229,33 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
 
 # ---------------------------------------------------------------------- 2. editor phase
 
+def write_intents(path: Path, suite: Suite, intents: dict) -> None:
+    """DIR/intent.jsonl: every turn's reconstruction (what the editor was given, the trace, any error)."""
+    lines = [json.dumps({"session_id": s.id, "turn": k, "instruction": s.turns[k - 1].instruction,
+                         "explicit": intents[(s.id, k)].explicit, "trace": intents[(s.id, k)].trace,
+                         "error": intents[(s.id, k)].error}, ensure_ascii=False)
+             for s in suite.sessions for k in range(1, s.n_turns + 1)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def load_or_reconstruct(reconstructor: Any, suite: Suite, path: Path, progress: Progress | None = None) -> dict:
+    """The run's reconstructions: read back from DIR/intent.jsonl when a run is resumed (a
+    sampling reconstructor must not change its texts under images already made), else
+    computed turn by turn across sessions."""
+    from ..intent import Reconstruction, reconstruct_sessions
+
+    if path.is_file():
+        out = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[(r["session_id"], int(r["turn"]))] = Reconstruction(r["explicit"], r.get("trace", ""), r.get("error"))
+        if all((s.id, k) in out for s in suite.sessions for k in range(1, s.n_turns + 1)):
+            return out
+    advance = progress("reconstructing", sum(s.n_turns for s in suite.sessions)) if progress else None
+    return reconstruct_sessions(reconstructor, suite.sessions, advance)
+
+
 def _batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
@@ -236,7 +265,8 @@ def generated_path(out: Path, session_id: str, turn: int) -> Path:
 
 
 def generate_images(editor: Any, suite: Suite, form: str, steps: int, seed: int, batch_size: int,
-                    out: Path, progress: Progress | None = None) -> int:
+                    out: Path, progress: Progress | None = None,
+                    texts: dict[tuple[str, int], tuple[str, list[str]]] | None = None) -> int:
     """Roll out every session whose images are not all on disk; returns images written."""
     from ..rollout import rollout
     from ..session import atomic_write_bytes
@@ -255,7 +285,7 @@ def generate_images(editor: Any, suite: Suite, form: str, steps: int, seed: int,
         batch = [sessions[i] for i in idx]
         sources = [suite.source(s) for s in batch]
         outs = rollout(editor, batch, sources, form=form, steps=steps, seed=_batch_seed(seed, b),
-                       batch_size=len(batch), progress=advance)
+                       batch_size=len(batch), progress=advance, texts=texts)
         for s, src, imgs in zip(batch, sources, outs):
             for k, img in enumerate(imgs, start=1):
                 atomic_write_bytes(generated_path(out, s.id, k), png_bytes(img))
@@ -410,7 +440,7 @@ def pending_requests(s: Session, turns: Sequence[int], images: ImageSource, text
             out.append(_Pending({**rec, "verdict": None, "cache_hit": None}))
             continue
         req = JudgeRequest(session=s, turn=k, images=imgs[: k + 1],
-                           explicit=t.explicit if form == "explicit" else None)
+                           explicit=t.explicit if form in ("explicit", "intent") else None)
         out.append(_Pending(rec, req, hashes[: k + 1]))
     return out
 
@@ -560,7 +590,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
 
     # 1. suite, editor, judge, settings
     suite = load_suite(cfg.suite, cfg.sessions, cfg.turns, cfg.seed)
-    form = resolve_form(cfg.form, cfg.editor)
+    reconstructor = load_reconstructor(cfg.intent)
+    if reconstructor is not None and cfg.form not in ("auto", "explicit"):
+        raise EditrlInputError(f"--intent {cfg.intent} writes the editor's text itself; drop --form {cfg.form}")
+    form = "intent" if reconstructor is not None else resolve_form(cfg.form, cfg.editor)
     editor = load_editor(cfg.editor, mode="in_context" if form == "in_context" else "explicit")
     precomputed = bool(getattr(editor, "precomputed", False))
     if cfg.steps is not None and cfg.steps < 1:
@@ -570,14 +603,25 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
     if cfg.judge_workers > 1 and judge.judge_id != "program":
         raise EditrlInputError("--judge-workers applies to the program judge; vlm judges take --concurrency")
     check_judge_inputs(judge, suite)
-    texts = turn_texts_all(suite.sessions, form)
+    if reconstructor is not None:
+        intents = load_or_reconstruct(reconstructor, suite, out / "intent.jsonl", progress)
+        texts = {key: (rec.explicit, []) for key, rec in intents.items()}
+    else:
+        texts = turn_texts_all(suite.sessions, form)
     images = ImageSource(suite, out, editor)
     n_missing = check_missing(images, suite.sessions, cfg.allow_missing)
     if not precomputed:
         check_editor_inputs(editor, suite, texts)
     settings = run_settings(cfg, suite, form, steps, judge, precomputed, getattr(editor, "weights_sha256", None))
+    if reconstructor is not None:
+        settings["intent"] = {"spec": cfg.intent, "name": reconstructor.name,
+                              "weights_sha256": getattr(reconstructor, "weights_sha256", None),
+                              "texts_sha256": hashlib.sha256(json.dumps(sorted((f"{a}/{b}", t) for (a, b), (t, _) in texts.items()))
+                                                             .encode()).hexdigest()}
     out.mkdir(parents=True, exist_ok=True)
     resumed = pin_settings(out, settings)
+    if reconstructor is not None and not (out / "intent.jsonl").is_file():
+        write_intents(out / "intent.jsonl", suite, intents)
     if log and resumed:
         log(f"resuming the run in {out}")
     if log and n_missing:
@@ -587,7 +631,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
     # 2. editor phase
     if not precomputed:
         t0 = time.perf_counter()
-        stats.images_generated = generate_images(editor, suite, form, steps, cfg.seed, cfg.batch_size, out, progress)
+        stats.images_generated = generate_images(editor, suite, form, steps, cfg.seed, cfg.batch_size, out, progress,
+                                                 texts=texts if reconstructor is not None else None)
         stats.editor_seconds = time.perf_counter() - t0
 
     # 3. judge phase
@@ -609,6 +654,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
 
     # 4. results and report
     results = aggregate(suite, records, settings, cfg)
+    if reconstructor is not None:
+        results["intent"] = {"spec": cfg.intent, "turns": len(intents),
+                             "errors": sum(r.error is not None for r in intents.values()),
+                             "file": "intent.jsonl"}
     results["run"] = {**stats.__dict__, "cache": None if cache.path is None else str(cache.path),
                       "resumed": resumed, "seconds": time.perf_counter() - t_start}
     t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """Benchmark suites: which sessions are run and where their source images come from.
 
 `SUITE` is `shapes` — ShapesWorld sessions made on the fly, session i of the stream defined
-by `--seed` with `--turns` turns (default 3) — or a path to a JSONL file: editrl's session
+by `--seed` with `--turns` turns (default 3) — `shapes-long` (5 turns by default, 60% of
+sessions under a global rule, a pronoun wherever one is possible 90% of the time) or a path to a JSONL file: editrl's session
 schema, or MICE-Bench / EdiVal records, which are converted on load. For a file, `--sessions
 N` takes the first N sessions (more than the file holds is an error) and `--turns K`
 truncates every session to at most K turns.
@@ -41,7 +42,8 @@ class Suite:
     def key(self) -> str:
         """Identity for `bench compare`: equal keys mean session ids denote the same sessions."""
         if self.kind == "shapes":
-            return f"shapes:seed={self.seed}:turns={self.turns}"
+            name = "shapes" if self.spec == "shapes" else self.spec
+            return f"{name}:seed={self.seed}:turns={self.turns}"
         return f"file:{self.sha256}:turns={self.turns or 'all'}"
 
     def source_path(self, s: Session) -> Path | None:
@@ -79,16 +81,24 @@ def _truncate(s: Session, turns: int | None) -> Session:
     return s.model_copy(update={"turns": s.turns[:turns], "global_constraint": gc})
 
 
-def shapes_suite(n: int, turns: int, seed: int) -> Suite:
+# Named ShapesWorld suites: grammar settings (GrammarConfig fields) and default turns.
+# `shapes-long`: long sessions rich in pronouns and global rules, where reconstruction matters.
+SHAPES_SUITES: dict[str, tuple[dict[str, Any], int]] = {
+    "shapes": ({}, DEFAULT_SHAPES_TURNS),
+    "shapes-long": ({"constraint_share": 0.6, "pronoun_prob": 0.9}, 5),
+}
+
+
+def shapes_suite(n: int, turns: int, seed: int, name: str = "shapes") -> Suite:
     """Sessions 0..n-1 of the ShapesWorld stream `seed`, `turns` turns each."""
     from ..world.grammar import GrammarConfig, sample_session
 
     try:
-        cfg = GrammarConfig(turns=turns)
+        cfg = GrammarConfig(turns=turns, **SHAPES_SUITES[name][0])
     except ValueError as e:
         raise EditrlInputError(f"--turns: {e}") from None
     sessions = [sample_session(seed, i, cfg) for i in range(n)]
-    return Suite("shapes", "shapes", sessions, seed=seed, turns=turns)
+    return Suite(name, "shapes", sessions, seed=seed, turns=turns)
 
 
 def file_suite(path: str | Path, n: int | None, turns: int | None) -> Suite:
@@ -114,8 +124,8 @@ def load_suite(spec: str, sessions: int | None = None, turns: int | None = None,
         raise EditrlInputError(f"--sessions must be at least 1, got {sessions}")
     if turns is not None and turns < 1:
         raise EditrlInputError(f"--turns must be at least 1, got {turns}")
-    if spec == "shapes":
-        suite = shapes_suite(sessions or DEFAULT_SHAPES_SESSIONS, turns or DEFAULT_SHAPES_TURNS, seed)
+    if spec in SHAPES_SUITES:
+        suite = shapes_suite(sessions or DEFAULT_SHAPES_SESSIONS, turns or SHAPES_SUITES[spec][1], seed, spec)
     else:
         suite = file_suite(spec, sessions, turns)
     for s in suite.sessions:
