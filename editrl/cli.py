@@ -321,6 +321,22 @@ intent_app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(intent_app, name="intent")
 
 
+@intent_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def intent_train(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="run folder: DIR/policy.safetensors (use with --intent tiny:DIR) and metrics.jsonl"),
+) -> None:
+    """Supervised training of the tiny intent policy on grammar-made pairs; key=value arguments
+    override editrl.intent.tiny.IntentTrainConfig (steps, batch_size, lr, seed, model.dim, ...)."""
+    from .config import load_config
+    from .intent.tiny import IntentTrainConfig, train_policy
+
+    cfg = load_config(IntentTrainConfig, None, list(ctx.args))
+    if out.exists() and not out.is_dir():
+        raise EditrlInputError(f"--out {out} exists and is not a folder")
+    emit(train_policy(cfg, out, log=lambda m: err.print(escape(m))))
+
+
 @intent_app.command("eval")
 def intent_eval(
     suite: str = typer.Option(..., "--suite", help="shapes | shapes-long | a sessions JSONL (editrl, MICE-Bench or EdiVal records)"),

@@ -175,3 +175,95 @@ def test_bench_with_rules_gives_the_editor_the_reconstruction(tmp_path):
     r = run("bench", "--suite", "shapes", "--sessions", "2", "--editor", "tiny", "--judge", "program",
             "--intent", "rules", "--form", "raw", "--out", tmp_path / "c")
     assert_bad_input(r.stdout, r.stderr, r.returncode, "--intent rules")
+
+
+# ------------------------------------------------------------------------------ tiny policy and text GRPO
+
+def _small_policy(seed: int = 0):
+    import torch
+
+    from editrl.intent.tiny import PolicyConfig, TinyIntentPolicy
+    torch.manual_seed(seed)
+    return TinyIntentPolicy(PolicyConfig(dim=32, heads=2, enc_layers=1, dec_layers=1))
+
+
+def _sampled(policy, n=6, seed=0):
+    import torch
+
+    from editrl.intent.tiny import query_text
+    sessions = [sample_session(9, i, GrammarConfig(turns=2)) for i in range(n)]
+    qs = [query_for(s, 2, [s.turns[0].explicit]) for s in sessions]
+    src, mask = policy.encode_inputs([query_text(q) for q in qs])
+    ids, lp = policy.generate(src, mask, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    return src, mask, ids, lp
+
+
+def test_text_grpo_on_policy_ratio_is_one():
+    import torch
+
+    from editrl.rl.text_grpo import text_grpo_loss
+    policy = _small_policy()
+    src, mask, ids, lp_sample = _sampled(policy)
+    valid = ids != policy.tok.pad
+    lp = policy.token_logprobs(src, mask, ids)
+    assert torch.allclose(lp[valid], lp_sample[valid], atol=1e-5)     # sampling log-probs = recomputed ones
+    loss, st = text_grpo_loss(lp, lp.detach(), torch.ones(len(ids)), valid.float())
+    assert st["ratio_mean"] == pytest.approx(1.0) and st["ratio_max"] == pytest.approx(1.0) and st["clip_frac"] == 0.0
+    assert float(loss) == pytest.approx(-1.0)                          # −A·r with r = 1, A = 1
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_text_grpo_step_moves_sampled_tokens_with_the_advantage(sign):
+    import torch
+
+    from editrl.rl.text_grpo import text_grpo_loss
+    policy = _small_policy(1)
+    src, mask, ids, _ = _sampled(policy, seed=3)
+    valid = (ids != policy.tok.pad).float()
+    before = (policy.token_logprobs(src, mask, ids) * valid).sum(1).detach()      # [B] sequence log-probs
+    opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+    lp = policy.token_logprobs(src, mask, ids)
+    loss, _ = text_grpo_loss(lp, lp.detach(), torch.full((len(ids),), sign), valid)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = (policy.token_logprobs(src, mask, ids) * valid).sum(1).detach()
+    delta = (after - before).sum()
+    assert (delta > 0) if sign > 0 else (delta < 0), float(delta)
+
+
+def test_text_grpo_masks_and_clips():
+    import torch
+
+    from editrl.rl.text_grpo import text_grpo_loss
+    lp = torch.zeros(2, 3, requires_grad=True)
+    old = torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 0.0]])          # token (0, 1): ratio e ≈ 2.72, clipped
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])          # the second sample masked out
+    loss, st = text_grpo_loss(lp, old, torch.tensor([1.0, 100.0]), mask, clip_range=0.2)
+    assert st["n_tokens"] == 2 and st["clip_frac"] == 0.5
+    assert float(loss) == pytest.approx(-(1.0 + 1.2) / 2)            # max(−r, −clip(r)) with A = 1
+    loss.backward()
+    assert lp.grad[1].abs().sum() == 0 and lp.grad[0, 1] == 0 and lp.grad[0, 0] != 0   # clipped token: no gradient
+    z, st = text_grpo_loss(lp, old, torch.ones(2), torch.zeros(2, 3))
+    assert float(z) == 0.0 and st == {"n_tokens": 0}
+
+
+def test_tiny_policy_save_load_and_reconstructor(tmp_path):
+    import torch
+
+    from editrl.intent.tiny import TinyPolicyReconstructor, load_policy, load_tiny_policy, save_policy
+    policy = _small_policy(2)
+    save_policy(policy, tmp_path / "policy.safetensors")
+    loaded, sha = load_policy(tmp_path)
+    assert len(sha) == 64
+    for a, b in zip(policy.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    rec = load_tiny_policy(f"tiny:{tmp_path}")
+    s = sample_session(9, 0, GrammarConfig(turns=2))
+    out = rec.reconstruct([query_for(s, 1)])
+    assert len(out) == 1 and isinstance(out[0].explicit, str)           # untrained: any text, or an error
+    real = _record(["Remove the lamp"], ["Remove [lamp]"], [(["desk"], ["desk"], ["desk", "lamp"])])
+    assert TinyPolicyReconstructor(policy).reconstruct([query_for(real, 1)])[0].error   # ShapesWorld only
+    (tmp_path / "bad.pt").write_bytes(b"x")
+    with pytest.raises(EditrlInputError, match="safetensors"):
+        load_policy(tmp_path / "bad.pt")
