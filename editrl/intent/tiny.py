@@ -157,10 +157,10 @@ class TinyIntentPolicy(nn.Module):
         return torch.where(out_ids != self.tok.pad, lp, torch.zeros_like(lp))
 
     def _never(self, logits: Tensor) -> Tensor:
-        """<pad> and <bos> are never emitted: out of the distribution (sampling and scoring alike)."""
+        """Input-only tokens (<pad>, <bos>, the section markers, ';') are never emitted: they
+        are out of the output distribution (sampling and scoring alike)."""
         logits = logits.clone()
-        logits[..., self.tok.pad] = -math.inf
-        logits[..., self.tok.bos] = -math.inf
+        logits[..., [i for i, w in enumerate(SPECIALS) if w != "<eos>"]] = -math.inf
         return logits
 
     @torch.no_grad()

@@ -56,11 +56,13 @@ class Rollout:
 def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Sequence[np.ndarray], G: int,
                     K: int | None = None, form: str = "explicit", steps: int = 10, solver: str = "ode",
                     noise_level: float = 0.7, window: int | None = None, store: bool = False,
-                    generator: torch.Generator | None = None, text_fn=None) -> Rollout:
+                    generator: torch.Generator | None = None, text_fn=None, batch_text_fn=None) -> Rollout:
     """Roll out G trajectories of every session for K turns on the editor's own outputs.
 
     `text_fn(session, k, images_so_far) -> (instruction, context)` overrides the text form
     (used by intent reconstruction); by default `editrl.rollout.turn_texts(session, k, form)`.
+    `batch_text_fn(k) -> [(instruction, context)] * (B*G)` writes a whole turn's texts at once
+    (row b*G + g; rows of ended sessions are ignored), e.g. a sampling text policy.
     """
     if G < 1:
         raise ValueError("G must be at least 1")
@@ -72,9 +74,12 @@ def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Se
     for k in range(1, K + 1):
         live = torch.tensor([sessions[b].n_turns >= k for b in range(B) for _ in range(G)])   # [B*G]
         texts, contexts = [], []
+        batch_texts = batch_text_fn(k) if batch_text_fn is not None else None
         for b in range(B):
             for g in range(G):
-                if sessions[b].n_turns >= k:
+                if batch_texts is not None:
+                    t, c = batch_texts[b * G + g]
+                elif sessions[b].n_turns >= k:
                     t, c = (text_fn(sessions[b], k, images[b][g]) if text_fn else turn_texts(sessions[b], k, form))
                 else:  # padding row: the session ended; its result is never used
                     t, c = turn_texts(sessions[b], sessions[b].n_turns, form)

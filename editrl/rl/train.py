@@ -51,6 +51,7 @@ from ..world.grammar import GrammarConfig, sample_session, session_scenes
 from ..world.render import render
 from .advantages import AdvantageConfig, compute_advantages
 from .flow_grpo import grpo_loss, transition_kl
+from .joint_intent import IntentActor, IntentConfig
 from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
 from .rollout import Rollout, grouped_rollout
 
@@ -85,6 +86,8 @@ class TrainConfig:
     threads: int = 0                    # torch threads (0 = all cores)
     # rewards -> advantages
     adv: AdvantageConfig = field(default_factory=AdvantageConfig)
+    # session-intent reconstruction: who writes the editor's text, and joint text RL (Edit-R2)
+    intent: IntentConfig = field(default_factory=IntentConfig)
     # Flow-GRPO
     clip_range: float = 1e-3            # PPO clip on the per-step likelihood ratio
     kl_beta: float = 0.0                # KL to the initial policy (reference)
@@ -100,6 +103,7 @@ class TrainConfig:
     eval_every: int = 0                 # benchmark the policy every N steps (0 = only at the end)
     eval_sessions: int = 64
     eval_steps: int = 10
+    eval_suite: str = "shapes"          # held-out suite: shapes | shapes-long (same grammar as `turns` training)
     final_eval: bool = True
     ckpt_every: int = 5
     log_every: int = 1
@@ -298,6 +302,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     params = [p for p in policy.trainable_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     judge = ProgramJudge()
+    intent = IntentActor(cfg.intent) if cfg.intent.spec != "none" else None
+    if intent is not None and mode != "explicit":
+        raise EditrlInputError("intent.spec writes explicit instructions: use form=explicit with it")
     step, elapsed = 0, 0.0
     state_path, metrics_path = out / "state.safetensors", out / "metrics.jsonl"
     if state_path.exists():
@@ -308,6 +315,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         if old is not None:
             old.net.load_state_dict(unprefixed(tensors, "old"))
         unflatten_optimizer(opt, tensors, meta["optimizer"])
+        if intent is not None and intent.cfg.train:
+            intent.policy.load_state_dict(unprefixed(tensors, "intent"))
+            unflatten_optimizer(intent.opt, unprefixed(tensors, "intent_opt"), meta["intent_optimizer"])
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
         truncate_metrics(metrics_path, step)
         log(f"resumed from step {step}")
@@ -318,7 +328,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         tensors = {**prefixed(policy.net.state_dict(), "model"), **opt_t}
         if old is not None:
             tensors.update(prefixed(old.net.state_dict(), "old"))
-        save_state(state_path, tensors, {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta})
+        meta = {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta}
+        if intent is not None and intent.cfg.train:
+            iopt_t, meta["intent_optimizer"] = flatten_optimizer(intent.opt)
+            tensors.update(prefixed(intent.policy.state_dict(), "intent"))
+            tensors.update(prefixed(iopt_t, "intent_opt"))
+        save_state(state_path, tensors, meta)
 
     from .tracking import Tracker, session_strip
     tracker = Tracker(cfg.track, out, to_dict(cfg), project=cfg.track_project)
@@ -337,10 +352,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         actor = old if cfg.algorithm == "nft" else policy
         actor.net.eval()
         grpo = cfg.algorithm == "grpo"
+        batch_text_fn = None
+        if intent is not None:
+            intent.reset(sessions, cfg.group)
+            text_gen = step_generator(cfg, step, 99)
+            batch_text_fn = lambda k: intent.texts(k, text_gen)      # noqa: E731
         ro = grouped_rollout(actor, sessions, sources, cfg.group, cfg.turns, form=cfg.form, steps=cfg.rollout_steps,
                              solver="sde" if grpo else cfg.solver, noise_level=cfg.noise_level,
                              window=(cfg.window or None) if grpo else None, store=grpo,
-                             generator=step_generator(cfg, step, 0))
+                             generator=step_generator(cfg, step, 0), batch_text_fn=batch_text_fn)
         t1 = time.time()
         # 3. rewards
         verdicts = judge_rollout(judge, sessions, ro)
@@ -379,6 +399,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             t_opt += time.time() - tb
             if "skipped" in row:
                 break
+        if intent is not None:
+            row.update(intent.text_stats())
+            if "skipped" not in row:
+                row.update(intent.update(adv.A, adv.mask))
         tc = time.time()
         if old is not None and "skipped" not in row:
             ema_update_(old.net.parameters(), policy.net.parameters(),
@@ -396,7 +420,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                     "time/update_s": round(t3 - t2, 3), "elapsed_min": round(elapsed / 60, 3)})
         # 6. evaluate, log, checkpoint
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log)
+            res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log, intent)
             evals[step] = res
             row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -420,23 +444,33 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     final.mkdir(exist_ok=True)
     policy.save(final / "model.safetensors", extra_meta={"rl_steps": str(step), "rl_algorithm": cfg.algorithm,
                                                          "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": cfg.init})
+    if intent is not None and intent.cfg.train:
+        from ..intent.tiny import save_policy
+        save_policy(intent.policy, final / "intent.safetensors", {"rl_steps": str(step), "rl_init": cfg.intent.spec})
     summary: dict[str, Any] = {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2),
                                "final": str(final), "last": last}
     if cfg.final_eval and (stop_at is None or step >= cfg.max_steps):
-        summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log)
+        summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log, intent)
     return summary
 
 
-def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Benchmark the current policy on held-out sessions through the benchmark harness."""
+def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None], intent: IntentActor | None = None) -> dict[str, Any]:
+    """Benchmark the current policy (and intent policy) on held-out sessions through the benchmark harness."""
     from ..bench import BenchConfig, run_bench
 
     tmp = out / "model.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     policy.save(tmp)
-    bc = BenchConfig(suite="shapes", editor=f"tiny:{tmp}", judge="program", out=out, sessions=cfg.eval_sessions,
-                     turns=cfg.turns, seed=EVAL_SEED + cfg.seed, form=cfg.form, steps=cfg.eval_steps, no_cache=True,
-                     bootstrap=200, strips=8)
+    spec = "none"
+    if intent is not None:
+        spec = cfg.intent.spec
+        if intent.cfg.train:
+            from ..intent.tiny import save_policy
+            save_policy(intent.policy, out / "intent.safetensors")
+            spec = f"tiny:{out / 'intent.safetensors'}"
+    bc = BenchConfig(suite=cfg.eval_suite, editor=f"tiny:{tmp}", judge="program", out=out, sessions=cfg.eval_sessions,
+                     turns=cfg.turns, seed=EVAL_SEED + cfg.seed, form="auto" if intent is not None else cfg.form,
+                     steps=cfg.eval_steps, no_cache=True, bootstrap=200, strips=8, intent=spec)
     run_bench(bc, log=lambda m: None)
     return json.loads((out / "results.json").read_text())
 
