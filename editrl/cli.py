@@ -162,6 +162,7 @@ def edit_cmd(
     session: Optional[str] = typer.Option(None, "--session", help="replay a ShapesWorld session: FILE.jsonl#ID (or FILE.jsonl for the first)"),
     out: Path = typer.Option(..., "--out"),
     mode: str = typer.Option("explicit", "--mode", help="explicit | in_context"),
+    intent: str = typer.Option("none", "--intent", help="rewrite each instruction first: none | rules | tiny[:PATH] | llm:..."),
     steps: int = typer.Option(10, "--steps"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -197,6 +198,20 @@ def edit_cmd(
         img = load_png(image)
     except Exception as e:
         raise EditrlInputError(f"--image {image}: not a readable image ({e})") from None
+    traces: list[Any] = [None] * len(texts)
+    if intent != "none":
+        from .intent import load_reconstructor, reconstruct_sessions
+        from .session import Session, Turn
+
+        if mode != "explicit":
+            raise EditrlInputError("--intent writes explicit instructions: use --mode explicit")
+        reconstructor = load_reconstructor(intent)
+        if sess is None:   # free instructions: a ShapesWorld image's scene is read by the parser
+            sess = Session(id="edit", source_image=str(image), turns=[Turn(instruction=t, task_type="other") for t in raw],
+                           source_scene=_parsed_scene(img_path=image))
+        recs = reconstruct_sessions(reconstructor, [sess])
+        texts = [recs[(sess.id, k)].explicit for k in range(1, len(raw) + 1)]
+        traces = [{"trace": recs[(sess.id, k)].trace, "error": recs[(sess.id, k)].error} for k in range(1, len(raw) + 1)]
     ed = load_editor(editor, mode=mode)
     canvas = getattr(getattr(ed, "cfg", None), "canvas", None)
     if canvas and img.shape[:2] != (canvas, canvas):
@@ -209,7 +224,7 @@ def edit_cmd(
     atomic_write_bytes(out / "turn_0.png", png_bytes(img))
     rows = []
     scenes = None
-    if sess is not None and sess.source_scene is not None:
+    if sess is not None and sess.source_scene is not None and all(t.expected is not None for t in sess.turns):
         from .world.grammar import session_scenes
         from .world.verify import judge_turn
         scenes = session_scenes(sess)
@@ -217,15 +232,38 @@ def edit_cmd(
         img = ed.edit([img], [text], [raw[: k - 1]], generator=gen, steps=steps)[0]
         atomic_write_bytes(out / f"turn_{k}.png", png_bytes(img))
         row: dict[str, Any] = {"turn": k, "instruction": raw[k - 1], "used": text, "image": f"turn_{k}.png"}
+        if traces[k - 1] is not None:
+            row["intent"] = traces[k - 1]
         if scenes is not None:
             v = judge_turn(img, scenes[k - 1], scenes[k], sess.turns[k - 1], k, sess.global_constraint, sess.id)
             row["verdict"] = {c: (r.status, r.reason) for c, r in v.checks().items() if r.status}
             row["success"] = v.success
         rows.append(row)
         err.print(f"turn {k}: {escape(text)}" + (f"  -> {'pass' if row.get('success') else 'FAIL'}" if "success" in row else ""))
-    summary = {"editor": editor, "mode": mode, "steps": steps, "seed": seed, "out": str(out), "turns": rows}
+    summary = {"editor": editor, "mode": mode, "intent": intent, "steps": steps, "seed": seed, "out": str(out), "turns": rows}
     atomic_write_text(out / "turns.json", json.dumps(summary, indent=2) + "\n")
     emit(summary)
+
+
+def _parsed_scene(img_path: Path) -> dict[str, Any] | None:
+    """The ShapesWorld scene an image shows, read by the program judge's parser, or None when
+    it is not a clean ShapesWorld image (some object not fully recognised)."""
+    from .world.parse import parse
+    from .world.render import load_png
+    from .world.scene import CELL_NAMES, Scene
+
+    try:
+        p = parse(load_png(img_path))
+    except Exception:
+        return None
+    if p.background is None or any(None in (d.shape, d.size, d.fill, d.cell) for d in p.objects):
+        return None
+    try:
+        return Scene.from_dict({"background": p.background, "canvas": p.canvas, "objects": [
+            {"id": i, "shape": d.shape, "color": d.color, "size": d.size, "fill": d.fill, "cell": CELL_NAMES[d.cell]}
+            for i, d in enumerate(p.objects)]}).to_dict()
+    except (ValueError, KeyError):
+        return None
 
 
 # -------------------------------------------------------------------------- pretrain

@@ -267,3 +267,19 @@ def test_tiny_policy_save_load_and_reconstructor(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"x")
     with pytest.raises(EditrlInputError, match="safetensors"):
         load_policy(tmp_path / "bad.pt")
+
+
+def test_edit_with_intent_records_the_reconstruction(tmp_path):
+    r = run("world", "sample", "--sessions", "3", "--turns", "3", "--seed", "4", "--out", tmp_path / "w")
+    assert r.returncode == 0, r.stderr
+    r = run("edit", "--session", f"{tmp_path / 'w' / 'sessions.jsonl'}#s00001", "--intent", "rules", "--steps", "2",
+            "--out", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    res = last_json(r.stdout)
+    from editrl.session import read_sessions
+    s = next(x for x in read_sessions(tmp_path / "w" / "sessions.jsonl") if x.id == "s00001")
+    assert [t["used"] for t in res["turns"]] == [t.explicit for t in s.turns]
+    assert all(t["intent"]["error"] is None for t in res["turns"])
+    r = run("edit", "--image", tmp_path / "w" / "images" / "s00001_0.png", "--intent", "rules", "--mode", "in_context",
+            "--out", tmp_path / "f", "Make it blue")
+    assert_bad_input(r.stdout, r.stderr, r.returncode, "--intent")
