@@ -614,7 +614,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
         check_editor_inputs(editor, suite, texts)
     settings = run_settings(cfg, suite, form, steps, judge, precomputed, getattr(editor, "weights_sha256", None))
     if reconstructor is not None:
+        params = reconstructor.params() if hasattr(reconstructor, "params") else None
         settings["intent"] = {"spec": cfg.intent, "name": reconstructor.name,
+                              "id": getattr(reconstructor, "reconstructor_id", None),
+                              "params": json.loads(json.dumps(params, sort_keys=True, default=str)),
                               "weights_sha256": getattr(reconstructor, "weights_sha256", None),
                               "texts_sha256": hashlib.sha256(json.dumps(sorted((f"{a}/{b}", t) for (a, b), (t, _) in texts.items()))
                                                              .encode()).hexdigest()}
