@@ -157,7 +157,7 @@ def convert_cmd(
 @app.command("edit")
 def edit_cmd(
     instructions: list[str] = typer.Argument(None, help="one instruction per turn"),
-    editor: str = typer.Option("tiny", "--editor", help="tiny | tiny:PATH"),
+    editor: str = typer.Option("tiny", "--editor", help="tiny | tiny:PATH | flux-kontext:PATH | qwen-edit:PATH"),
     image: Optional[Path] = typer.Option(None, "--image", help="input image (PNG)"),
     session: Optional[str] = typer.Option(None, "--session", help="replay a ShapesWorld session: FILE.jsonl#ID (or FILE.jsonl for the first)"),
     out: Path = typer.Option(..., "--out"),
@@ -296,10 +296,12 @@ def pretrain_cmd(
 def train_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="run folder (resumes if it holds a run)"),
-    config: Optional[str] = typer.Option(None, "--config", help="preset (shapes-nft, shapes-grpo) or YAML path"),
+    config: Optional[str] = typer.Option(None, "--config", help="preset (shapes-nft, shapes-grpo, kontext-grpo, "
+                                         "kontext-nft, qwen-edit-grpo, qwen-edit-nft) or YAML path"),
 ) -> None:
     """Multi-turn RL post-training (Flow-GRPO or DiffusionNFT); key=value arguments override the config.
-    Writes DIR/metrics.jsonl, DIR/state.safetensors (resumable) and DIR/final (load with --editor tiny:DIR/final)."""
+    Writes DIR/metrics.jsonl, DIR/state.safetensors (resumable) and DIR/final (load with --editor tiny:DIR/final;
+    LoRA runs of a diffusers editor: --editor flux-kontext:DIR/final or qwen-edit:DIR/final)."""
     from .config import load_config, to_dict
     from .rl.train import TrainConfig, train
 
@@ -426,7 +428,8 @@ def _rate(v: Optional[float]) -> str:
 def bench(
     ctx: typer.Context,
     suite: Optional[str] = typer.Option(None, "--suite", help="shapes | a sessions JSONL (editrl, MICE-Bench or EdiVal records)"),
-    editor: Optional[str] = typer.Option(None, "--editor", help="tiny | tiny:PATH | outputs:DIR (DIR/<session id>/turn_<k>.png)"),
+    editor: Optional[str] = typer.Option(None, "--editor", help="tiny | tiny:PATH | outputs:DIR (DIR/<session id>/turn_<k>.png) | "
+                                         "flux-kontext:PATH | qwen-edit:PATH (diffusers pipeline folder or LoRA run)"),
     judge: Optional[str] = typer.Option(None, "--judge", help="program | vlm:URL | vlm-local:PATH"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (resumes if it holds the same run)"),
     sessions: Optional[int] = typer.Option(None, "--sessions", help="shapes: how many (default 50); a file: the first N"),

@@ -56,10 +56,16 @@ def tensor_to_images(x: Tensor) -> list[np.ndarray]:
 
 class FlowEditor:
     """Base class for flow-matching editors. Subclasses implement `encode`, `velocity`,
-    `initial_noise_shape`, `decode` and `encode_image` (identity for pixel-space editors)."""
+    `latent_shape`, `decode` and `encode_image` (identity for pixel-space editors).
+
+    Training (`rl.train`) also uses `trainable_parameters`, `state_dict` / `load_state_dict`
+    (exactly the trained weights: the whole net of the tiny editor, the LoRA of a diffusers
+    editor), `set_training`, `policy_copy` (a frozen copy: NFT's old policy),
+    `reference_policy` (the frozen initial policy) and `save` to `checkpoint_file`."""
 
     name: str = "flow"
     default_steps: int = 10
+    checkpoint_file: str = "model.safetensors"
 
     # -- to implement -------------------------------------------------------------------
     def encode(self, images: Tensor, instructions: Sequence[str],
@@ -75,6 +81,11 @@ class FlowEditor:
     def decode(self, x0: Tensor) -> list[np.ndarray]:
         return tensor_to_images(x0)
 
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> model space (where `sample` works and DiffusionNFT
+        re-noises its targets). The identity for pixel-space editors."""
+        return images
+
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         raise NotImplementedError
 
@@ -83,7 +94,9 @@ class FlowEditor:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def sigmas(self, steps: int) -> Tensor:
+    def sigmas(self, steps: int, cond: Any = None) -> Tensor:
+        """σ_0 = 1 > ... > σ_T = 0 [T+1]. `cond` is for editors whose schedule depends on the
+        input (the resolution-dependent shift of FLUX / Qwen-Image); the default ignores it."""
         return sampling.sigma_schedule(steps)
 
     @torch.no_grad()
@@ -109,7 +122,7 @@ class FlowEditor:
         """
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r} (expected one of {', '.join(SOLVERS)})")
-        sig = self.sigmas(steps).to(self.device)                                   # [T+1]
+        sig = self.sigmas(steps, cond).to(self.device)                             # [T+1]
         shape = self.latent_shape(cond)
         x = x_init if x_init is not None else torch.randn(shape, generator=generator, device=self.device)
         B = x.shape[0]

@@ -20,6 +20,7 @@ refused.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -356,6 +357,24 @@ class TinyEditor(FlowEditor):
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+    # -- training (rl.train) ---------------------------------------------------------------
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        self.net.load_state_dict(sd)
+
+    def set_training(self, on: bool) -> None:
+        self.net.train(on)
+
+    def policy_copy(self) -> "TinyEditor":
+        """A frozen deep copy of the current weights (NFT's old policy)."""
+        c = copy.deepcopy(self)
+        c.net.eval()
+        c.net.requires_grad_(False)
+        return c
+
+    def reference_policy(self) -> "TinyEditor":
+        """The frozen initial policy (KL / NFT reference): a deep copy taken now."""
+        return self.policy_copy()
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

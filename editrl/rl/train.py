@@ -2,11 +2,13 @@
 
 The recipe, top to bottom (`train`):
 
-1. **Setup.** Config -> the policy θ (initialised from `init`, e.g. the shipped tiny editor),
-   for NFT the *old* policy (an EMA of θ that produces the rollouts), for a KL / reference
-   term a frozen copy of the initial weights, AdamW. `DIR/state.safetensors` holds model,
-   optimiser, old policy, step and wall time: a killed run resumes exactly (every random
-   draw below is a pure function of (seed, step)).
+1. **Setup.** Config -> the policy θ (initialised from `init`, e.g. the shipped tiny editor,
+   or a diffusers FLUX.1-Kontext / Qwen-Image-Edit folder `model.path` trained through a LoRA
+   adapter), for NFT the *old* policy (an EMA of θ that produces the rollouts), for a KL /
+   reference term a frozen copy of the initial weights (LoRA editors: the adapter disabled),
+   AdamW. `DIR/state.safetensors` holds the trained weights (the whole tiny net; only the
+   LoRA of a diffusers editor), optimiser, old policy, step and wall time: a killed run
+   resumes exactly (every random draw below is a pure function of (seed, step)).
 2. **Rollout** (`rl.rollout.grouped_rollout`): B fresh ShapesWorld sessions x G trajectories
    x K turns on the policy's own outputs. GRPO samples with the SDE and stores each window
    step's log-probability; NFT samples with any solver and keeps each turn's clean output.
@@ -23,12 +25,12 @@ The recipe, top to bottom (`train`):
    shares, loss stats, KL, clip fraction, grad norm, seconds per phase); every `eval_every`
    steps the policy is benchmarked on held-out sessions through the benchmark harness
    (`DIR/eval/step_<n>/results.json`); `DIR/final/model.safetensors` at the end (load it
-   with `--editor tiny:DIR/final`).
+   with `--editor tiny:DIR/final`; LoRA editors write `DIR/final/lora.safetensors`, loaded
+   with `--editor flux-kontext:DIR/final` / `qwen-edit:DIR/final`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -43,6 +45,9 @@ import torch
 from ..checkpoint import (append_metrics, flatten_optimizer, load_state, prefixed, save_state, truncate_metrics,
                           unflatten_optimizer, unprefixed)
 from ..config import to_dict
+from ..editors import REAL_EDITORS
+from ..editors.base import FlowEditor
+from ..editors.diffusers_common import ModelConfig
 from ..judges.base import JudgeRequest
 from ..judges.program import ProgramJudge
 from ..sampling import sde_step_with_logprob
@@ -62,7 +67,8 @@ EVAL_SEED = 2_024_000              # held-out sessions for periodic evaluation (
 @dataclass
 class TrainConfig:
     algorithm: str = "nft"              # nft | grpo
-    init: str = "tiny"                  # editor to post-train: tiny (shipped) | tiny:PATH
+    init: str = "tiny"                  # editor to post-train: tiny (shipped) | tiny:PATH | flux-kontext | qwen-edit (model.path)
+    model: ModelConfig = field(default_factory=ModelConfig)   # flux-kontext / qwen-edit: folder, LoRA, dtype, checkpointing
     seed: int = 0
     # rollouts
     sessions_per_step: int = 8          # B: sessions (groups) per step
@@ -181,7 +187,7 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
     # (common random numbers), or one per sample. Shared draws cancel the part of the
     # flow-matching gradient the group's samples have in common (the copied background, the
     # noise itself) against the zero-mean advantages, leaving their differences.
-    shape = ro.turns[0].outputs.shape[1:]
+    shape = policy.encode_image(ro.turns[0].outputs[:1]).shape[1:]                # model space: [C, H, W] (latent editors: [C, h, w])
     n_draw = B if cfg.nft_shared_noise else B * G
     sig_tab = cfg.nft_sigma_min + (1 - cfg.nft_sigma_min) * torch.rand(n_draw, K, generator=gen)   # [B or BG, K]
     eps_tab = torch.randn((n_draw, K, *shape), generator=gen)                                      # [B or BG, K, C, H, W]
@@ -194,7 +200,7 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
         for k, ids in by_turn.items():
             tb = ro.turns[k]
             sel = torch.tensor(ids)
-            x0 = tb.outputs[sel]                                                       # [n, C, H, W]
+            x0 = policy.encode_image(tb.outputs[sel])                                  # [n, C, H, W] (latent editors: VAE latents)
             src = tb.inputs[sel]
             texts = [tb.texts[i] for i in ids]
             ctxs = [tb.contexts[i] for i in ids]
@@ -251,8 +257,9 @@ def grpo_update(cfg: TrainConfig, policy, ref, ro: Rollout, A: torch.Tensor, mas
             texts = [tb.texts[i] for i in ri.tolist()]
             ctxs = [tb.contexts[i] for i in ri.tolist()]
             src = tb.inputs[ri]
-            sig1 = policy.sigmas(cfg.rollout_steps)[1]
-            v = policy.velocity(x, sigma, policy.encode(src, texts, ctxs))
+            cond = policy.encode(src, texts, ctxs)
+            sig1 = policy.sigmas(cfg.rollout_steps, cond)[1]
+            v = policy.velocity(x, sigma, cond)
             st = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level=cfg.noise_level, prev_sample=x_next,
                                        sigma_max_fallback=sig1)
             adv = A.view(B * G, K)[ri, k]                                              # [n]
@@ -289,16 +296,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     mode = "in_context" if cfg.form == "in_context" else "explicit"
 
     # 1. setup
-    policy = load_editor(cfg.init, mode=mode)
-    if not hasattr(policy, "net"):
-        raise EditrlInputError(f"editor {cfg.init!r} has no trainable network")
-    old = copy.deepcopy(policy) if cfg.algorithm == "nft" else None
+    spec = editor_spec(cfg)
+    policy = load_editor(spec, mode=mode, model=cfg.model)
+    if not isinstance(policy, FlowEditor) or not list(policy.trainable_parameters()):
+        raise EditrlInputError(f"editor {spec!r} has no trainable parameters")
+    old = policy.policy_copy() if cfg.algorithm == "nft" else None
     needs_ref = cfg.kl_beta > 0 or cfg.nft_ref_weight > 0
-    ref = copy.deepcopy(policy) if needs_ref else None
-    for m in (old, ref):
-        if m is not None:
-            m.net.eval()
-            m.net.requires_grad_(False)
+    ref = policy.reference_policy() if needs_ref else None
     params = [p for p in policy.trainable_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     judge = ProgramJudge()
@@ -311,9 +315,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         tensors, meta = load_state(state_path)
         if _resumable(meta.get("config")) != _resumable(to_dict(cfg)):
             raise EditrlInputError(f"{out} holds a run with a different config; use a new --out or the same settings")
-        policy.net.load_state_dict(unprefixed(tensors, "model"))
+        policy.load_state_dict(unprefixed(tensors, "model"))
         if old is not None:
-            old.net.load_state_dict(unprefixed(tensors, "old"))
+            old.load_state_dict(unprefixed(tensors, "old"))
         unflatten_optimizer(opt, tensors, meta["optimizer"])
         if intent is not None and intent.cfg.train:
             intent.policy.load_state_dict(unprefixed(tensors, "intent"))
@@ -325,9 +329,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
 
     def save() -> None:
         opt_t, opt_meta = flatten_optimizer(opt)
-        tensors = {**prefixed(policy.net.state_dict(), "model"), **opt_t}
+        tensors = {**prefixed(policy.state_dict(), "model"), **opt_t}
         if old is not None:
-            tensors.update(prefixed(old.net.state_dict(), "old"))
+            tensors.update(prefixed(old.state_dict(), "old"))
         meta = {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta}
         if intent is not None and intent.cfg.train:
             iopt_t, meta["intent_optimizer"] = flatten_optimizer(intent.opt)
@@ -350,7 +354,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         sessions = training_sessions(cfg, step)
         sources = [render(session_scenes(s)[0]) for s in sessions]
         actor = old if cfg.algorithm == "nft" else policy
-        actor.net.eval()
+        actor.set_training(False)
         grpo = cfg.algorithm == "grpo"
         batch_text_fn = None
         if intent is not None:
@@ -371,7 +375,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         # 5. loss and update: `epochs` optimiser steps on this rollout (NFT: fresh re-noising
         # each epoch; GRPO: PPO-style, the clipped ratio moves away from 1 after the first)
         t_loss, t_opt = 0.0, 0.0
-        policy.net.train()
+        policy.set_training(True)
         if not torch.isfinite(adv.A).all():
             row["skipped"] = "non-finite advantage"
         for epoch in range(cfg.epochs if "skipped" not in row else 0):
@@ -405,10 +409,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                 row.update(intent.update(adv.A, adv.mask))
         tc = time.time()
         if old is not None and "skipped" not in row:
-            ema_update_(old.net.parameters(), policy.net.parameters(),
+            ema_update_(old.trainable_parameters(), policy.trainable_parameters(),
                         old_policy_decay(step, cfg.old_decay_max, cfg.old_decay_ramp))
         opt.zero_grad(set_to_none=True)
-        policy.net.eval()
+        policy.set_training(False)
         t3 = time.time()
         row["time/loss_s"] = round(t_loss, 3)                  # forward + backward of the objective
         row["time/optim_s"] = round(t_opt + (t3 - tc), 3)      # clipping, AdamW, old-policy EMA
@@ -442,8 +446,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     tracker.close()
     final = out / "final"
     final.mkdir(exist_ok=True)
-    policy.save(final / "model.safetensors", extra_meta={"rl_steps": str(step), "rl_algorithm": cfg.algorithm,
-                                                         "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": cfg.init})
+    policy.save(final / policy.checkpoint_file, extra_meta={"rl_steps": str(step), "rl_algorithm": cfg.algorithm,
+                                                            "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec})
     if intent is not None and intent.cfg.train:
         from ..intent.tiny import save_policy
         save_policy(intent.policy, final / "intent.safetensors", {"rl_steps": str(step), "rl_init": cfg.intent.spec})
@@ -454,11 +458,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     return summary
 
 
+def editor_spec(cfg: TrainConfig) -> str:
+    """`init` as a load_editor spec: `flux-kontext` / `qwen-edit` take their folder from `model.path`."""
+    if cfg.init in REAL_EDITORS:
+        if not cfg.model.path:
+            raise EditrlInputError(f"init={cfg.init} needs model.path=PATH (a diffusers pipeline folder)")
+        return f"{cfg.init}:{cfg.model.path}"
+    return cfg.init
+
+
 def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None], intent: IntentActor | None = None) -> dict[str, Any]:
     """Benchmark the current policy (and intent policy) on held-out sessions through the benchmark harness."""
     from ..bench import BenchConfig, run_bench
 
-    tmp = out / "model.safetensors"
+    tmp = out / policy.checkpoint_file
     out.mkdir(parents=True, exist_ok=True)
     policy.save(tmp)
     spec = "none"
@@ -468,7 +481,7 @@ def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None], in
             from ..intent.tiny import save_policy
             save_policy(intent.policy, out / "intent.safetensors")
             spec = f"tiny:{out / 'intent.safetensors'}"
-    bc = BenchConfig(suite=cfg.eval_suite, editor=f"tiny:{tmp}", judge="program", out=out, sessions=cfg.eval_sessions,
+    bc = BenchConfig(suite=cfg.eval_suite, editor=f"{policy.name}:{tmp}", judge="program", out=out, sessions=cfg.eval_sessions,
                      turns=cfg.turns, seed=EVAL_SEED + cfg.seed, form="auto" if intent is not None else cfg.form,
                      steps=cfg.eval_steps, no_cache=True, bootstrap=200, strips=8, intent=spec)
     run_bench(bc, log=lambda m: None)
