@@ -115,9 +115,15 @@ def load_judge(spec: str, **options: Any):
 
 
 class ProcessPoolJudge:
-    """A stateless, CPU-bound judge (the program judge) spread over worker processes: each
-    `judge` call splits its requests into one contiguous slice per worker. Verdicts, judge
-    id and params are the wrapped judge's, so cache keys and results do not change."""
+    """A stateless, CPU-bound judge (the program judge) spread over worker processes.
+
+    The judge phase hands whole chunks of sessions to the workers (`judge_phase`): each
+    worker reads and hashes the chunk's images, computes the cache keys, looks them up in
+    the cache (its own read connection), judges the misses and returns finished records
+    and new cache entries; the parent only writes the cache and appends records, in chunk
+    order, so records and results are those of one process. `judge` (a plain batched call,
+    split into one slice per worker) serves other callers. Verdicts, judge id and params
+    are the wrapped judge's, so cache keys and results do not change."""
 
     def __init__(self, judge: Any, workers: int) -> None:
         from concurrent.futures import ProcessPoolExecutor
@@ -125,6 +131,17 @@ class ProcessPoolJudge:
         self.inner, self.workers = judge, workers
         self.judge_id, self.prompt_version = judge.judge_id, judge.prompt_version
         self.pool = ProcessPoolExecutor(max_workers=workers)
+        self._phase_pool = None
+
+    def phase_pool(self, context: dict[str, Any]):
+        """A pool whose workers hold `context` (suite, images, texts, form, cache path),
+        given once per worker rather than with every chunk."""
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._phase_pool is None:
+            self._phase_pool = ProcessPoolExecutor(max_workers=self.workers, initializer=_phase_worker_init,
+                                                   initargs=({**context, "judge": self.inner},))
+        return self._phase_pool
 
     def params(self) -> dict[str, Any]:
         return self.inner.params()
@@ -136,6 +153,44 @@ class ProcessPoolJudge:
 
     def close(self) -> None:
         self.pool.shutdown()
+        if self._phase_pool is not None:
+            self._phase_pool.shutdown()
+
+
+_PHASE: dict[str, Any] = {}        # a judge-phase worker's context (set by its initializer)
+
+
+class _RecordingCache:
+    """A worker's view of the verdict cache: lookups read the cache, writes are kept and
+    sent back to the parent, which alone writes the cache."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.new = inner, []
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, TurnVerdict]:
+        return self.inner.get_many(keys)
+
+    def put_many(self, items, judge_id: str) -> int:
+        items = list(items)
+        self.new.extend(items)
+        return len(items)
+
+
+def _phase_worker_init(context: dict[str, Any]) -> None:
+    _PHASE.update(context)
+    _PHASE["cache"] = VerdictCache(context["cache_path"]) if context["cache_path"] else NoCache()
+
+
+def _phase_worker_chunk(work: list[tuple[int, list[int]]]) -> tuple[list[dict], list, dict[str, float]]:
+    """Load, hash, look up and judge the turns `work` = [(session index, turns)]."""
+    ctx = _PHASE
+    sessions = ctx["suite"].sessions
+    pending = [p for i, ks in work
+               for p in pending_requests(sessions[i], ks, ctx["images"], ctx["texts"], ctx["form"], ctx["same_size"])]
+    stats = RunStats()
+    cache = _RecordingCache(ctx["cache"])
+    done = judge_chunk(pending, ctx["judge"], cache, stats)
+    return done, cache.new, {k: getattr(stats, k) for k in ("judge_calls", "judge_batches", "cache_hits", "judge_call_seconds")}
 
 
 def resolve_form(form: str, editor_spec: str) -> str:
@@ -527,6 +582,9 @@ def judge_phase(suite: Suite, images: ImageSource, judge: Any, cache: Any, texts
     todo = [(s, ks) for s, ks in todo if ks]
     advance = progress("judging", sum(len(ks) for _, ks in todo)) if progress else None
     same_size = getattr(judge, "judge_id", "") == "program"
+    if isinstance(judge, ProcessPoolJudge) and todo:
+        return _judge_phase_workers(suite, images, judge, cache, texts, form, records_path, chunk_size, stats,
+                                    advance, todo, records, same_size)
     pending = (p for s, ks in todo for p in pending_requests(s, ks, images, texts, form, same_size))
     with open(records_path, "a", encoding="utf-8") as f:
         for chunk in _chunks(pending, chunk_size):
@@ -536,6 +594,43 @@ def judge_phase(suite: Suite, images: ImageSource, judge: Any, cache: Any, texts
             os.fsync(f.fileno())
             for r in done:
                 records[(r["session_id"], r["turn"])] = r
+            if advance:
+                advance(len(done))
+    return records
+
+
+def _append_records(f, done: list[dict[str, Any]], records: dict) -> None:
+    f.write("".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in done))
+    f.flush()
+    os.fsync(f.fileno())
+    for r in done:
+        records[(r["session_id"], r["turn"])] = r
+
+
+def _judge_phase_workers(suite: Suite, images: ImageSource, judge: ProcessPoolJudge, cache: Any, texts: dict,
+                         form: str, records_path: Path, chunk_size: int, stats: RunStats, advance, todo, records,
+                         same_size: bool) -> dict:
+    """The judge phase on worker processes: chunks of whole sessions (about `chunk_size`
+    turns) are read, hashed, looked up and judged in the workers; this process writes the
+    cache and appends the records in chunk order (the same records as one process)."""
+    index = {s.id: i for i, s in enumerate(suite.sessions)}
+    chunks: list[list[tuple[int, list[int]]]] = [[]]
+    n = 0
+    for s, ks in todo:
+        if n >= chunk_size:
+            chunks.append([])
+            n = 0
+        chunks[-1].append((index[s.id], ks))
+        n += len(ks)
+    pool = judge.phase_pool({"suite": suite, "images": images, "texts": texts, "form": form, "same_size": same_size,
+                             "cache_path": None if cache.path is None else str(cache.path)})
+    with open(records_path, "a", encoding="utf-8") as f:
+        for done, new, st in pool.map(_phase_worker_chunk, chunks):
+            if new:
+                cache.put_many(new, judge.judge_id)
+            for k, v in st.items():
+                setattr(stats, k, getattr(stats, k) + v)
+            _append_records(f, done, records)
             if advance:
                 advance(len(done))
     return records
