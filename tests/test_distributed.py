@@ -1,0 +1,123 @@
+"""Multi-process RL (issue 7): 2 CPU processes under `accelerate launch` (gloo) give the same
+global advantages, loss and all-reduced gradient as 1 process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from editrl.editors.tiny import TinyConfig, TinyEditor  # noqa: E402
+from editrl.rl import distributed as D  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+SMALL = TinyConfig(channels=(16, 32, 32), blocks=(1, 1, 1), text_dim=32, text_layers=1, heads=2)
+SESSIONS = 5          # uneven over 2 ranks (3 + 2 groups): checks the global sample weighting
+
+
+def test_shard_bounds_whole_contiguous_deterministic():
+    for n in range(0, 12):
+        for w in range(1, 5):
+            blocks = [D.shard_bounds(n, r, w) for r in range(w)]
+            assert blocks[0][0] == 0 and blocks[-1][1] == n
+            assert all(blocks[i][1] == blocks[i + 1][0] for i in range(w - 1))
+            sizes = [b - a for a, b in blocks]
+            assert max(sizes) - min(sizes) <= 1
+            items = list(range(n))
+            assert sum((D.shard(items, r, w) for r in range(w)), []) == items
+    assert D.local_slice(torch.arange(5), rank=1, world=2).tolist() == [3, 4]
+    with pytest.raises(ValueError):
+        D.shard_bounds(4, 2, 2)
+
+
+def test_single_process_paths_are_no_ops():
+    assert not D.initialized() and D.rank() == 0 and D.world_size() == 1 and D.is_main()
+    x = torch.arange(6.0).view(3, 2)
+    assert torch.equal(D.all_gather_padded(x), x)
+    assert D.gather_verdicts([[1], [2]]) == [[1], [2]]
+    assert D.all_reduce_mean({"a": 1.5}) == {"a": 1.5}
+    assert D.grad_scale(7) == 1.0 and D.global_mean(2.0, 3) == 2.0 and D.global_count(4) == 4.0
+    g1, g2 = D.session_generator(0, 1, 0, 3), D.session_generator(0, 1, 0, 3)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _run(cmd: list[str], timeout: int = 120) -> None:
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+
+
+def _accelerate_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("accelerate")
+    if exe.exists():
+        return [str(exe)]
+    if shutil.which("accelerate"):
+        return [shutil.which("accelerate")]
+    return [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    torch.manual_seed(0)
+    ed = TinyEditor(SMALL)
+    torch.nn.init.normal_(ed.net.out.weight, std=0.05)
+    ckpt = tmp_path / "model.safetensors"
+    ed.save(ckpt)
+    args = [str(WORKER), "--ckpt", str(ckpt), "--sessions", str(SESSIONS)]
+
+    _run([sys.executable, *args, "--out", str(tmp_path / "one")])
+    launch = _accelerate_cmd()
+    if launch[-1] != "accelerate.commands.launch":
+        launch = launch + ["launch"]
+    # `--cpu --num_processes 2` silently starts ONE process; --multi_gpu + ACCELERATE_USE_CPU gives gloo DDP
+    _run([*launch, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args, "--out", str(tmp_path / "two")])
+
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
+    assert one["world"] == 1 and [d["world"] for d in ranks] == [2, 2], "accelerate did not start 2 processes"
+    assert [d["bounds"] for d in ranks] == [(0, 3), (3, 5)] and [d["is_main"] for d in ranks] == [True, False]
+    assert ranks[0]["session_ids"] + ranks[1]["session_ids"] == one["session_ids"]
+
+    # advantages: computed on the gathered global batch, identical to 1 process, bit for bit
+    assert one["mask_global"].any() and one["A_global"].abs().sum() > 0
+    for d in ranks:
+        assert torch.equal(d["A_global"], one["A_global"]) and torch.equal(d["mask_global"], one["mask_global"])
+        a, b = d["bounds"]
+        assert torch.equal(d["A_local"], one["A_global"][a:b]) and torch.equal(d["mask_local"], one["mask_global"][a:b])
+        assert d["adv_stats"] == one["adv_stats"]
+        assert torch.equal(d["A_gathered"], one["A_global"]) and torch.equal(d["mask_gathered"], one["mask_global"])
+    assert ranks[0]["n_local"] + ranks[1]["n_local"] == one["n_local"] == one["n_global"] == ranks[0]["n_global"]
+    assert ranks[0]["n_local"] != ranks[1]["n_local"]          # the uneven split is really exercised
+
+    # global-mean NFT loss and the all-reduced gradient match 1 process
+    for d in ranks:
+        assert d["loss"] == pytest.approx(one["loss"], abs=1e-5, rel=1e-5)
+        assert d["loss_weighted_stat"] == pytest.approx(one["loss"], abs=1e-5, rel=1e-5)
+        g, g1 = d["grad"], one["grad"]
+        assert g1.abs().max() > 0
+        assert torch.allclose(g, g1, atol=1e-5, rtol=0)
+        assert float((g - g1).norm() / g1.norm()) < 1e-5
+    assert torch.equal(ranks[0]["grad"], ranks[1]["grad"])     # every rank holds the same gradient
