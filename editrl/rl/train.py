@@ -56,6 +56,7 @@ from ..world.grammar import GrammarConfig, sample_session, session_scenes
 from ..world.render import render
 from .advantages import AdvantageConfig, compute_advantages
 from .flow_grpo import grpo_loss, transition_kl
+from . import distributed as D
 from .joint_intent import IntentActor, IntentConfig
 from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
 from .rollout import Rollout, grouped_rollout
@@ -90,6 +91,8 @@ class TrainConfig:
     max_steps: int = 100
     max_minutes: float = 0.0            # stop after this wall time (0 = no limit)
     threads: int = 0                    # torch threads (0 = all cores)
+    session_rng: bool = False           # one random stream per (step, session): results independent of how sessions
+                                        # are spread over processes (always on under a multi-process launch)
     # rewards -> advantages
     adv: AdvantageConfig = field(default_factory=AdvantageConfig)
     # session-intent reconstruction: who writes the editor's text, and joint text RL (Edit-R2)
@@ -174,7 +177,7 @@ def _chunks(idx: torch.Tensor, n: int):
 
 
 def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor, mask: torch.Tensor,
-               gen: torch.Generator) -> dict[str, float]:
+               gen: torch.Generator, draws_fn: Callable | None = None) -> dict[str, float]:
     """Accumulate the DiffusionNFT gradient over every trained (b, g, k) sample."""
     B, G, K = A.shape
     r_all = optimality_weight(A, cfg.adv.adv_clip or 5.0)                             # [B, G, K]
@@ -188,9 +191,12 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
     # flow-matching gradient the group's samples have in common (the copied background, the
     # noise itself) against the zero-mean advantages, leaving their differences.
     shape = policy.encode_image(ro.turns[0].outputs[:1]).shape[1:]                # model space: [C, H, W] (latent editors: [C, h, w])
-    n_draw = B if cfg.nft_shared_noise else B * G
-    sig_tab = cfg.nft_sigma_min + (1 - cfg.nft_sigma_min) * torch.rand(n_draw, K, generator=gen)   # [B or BG, K]
-    eps_tab = torch.randn((n_draw, K, *shape), generator=gen)                                      # [B or BG, K, C, H, W]
+    if draws_fn is not None:                     # per-session streams (distributed.nft_draws), same layout
+        sig_tab, eps_tab = draws_fn(shape)
+    else:
+        n_draw = B if cfg.nft_shared_noise else B * G
+        sig_tab = cfg.nft_sigma_min + (1 - cfg.nft_sigma_min) * torch.rand(n_draw, K, generator=gen)   # [B or BG, K]
+        eps_tab = torch.randn((n_draw, K, *shape), generator=gen)                                      # [B or BG, K, C, H, W]
     sums: dict[str, float] = {}
     for chunk_start in range(0, n, cfg.minibatch):
         chunk = rows[chunk_start: chunk_start + cfg.minibatch]
@@ -290,7 +296,19 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     from ..editors import load_editor
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # multi-process (accelerate launch / torchrun): each rank rolls out and judges a contiguous
+    # block of whole sessions; verdicts are gathered so every rank computes the global
+    # advantages; gradients are scaled by the rank's share of trained samples and all-reduced;
+    # rank 0 alone writes metrics, checkpoints and the final weights.
+    D.init_from_env()
+    W, R = D.world_size(), D.rank()
+    main = D.is_main()
+    per_session = cfg.session_rng or W > 1
+    if per_session and cfg.intent.spec != "none":
+        raise EditrlInputError("intent.spec needs one process and session_rng=false (its texts are written batch-wide)")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     mode = "in_context" if cfg.form == "in_context" else "explicit"
@@ -325,7 +343,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
         truncate_metrics(metrics_path, step)
         log(f"resumed from step {step}")
-    atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+    if main:
+        atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+    D.broadcast_params_(params)
 
     def save() -> None:
         opt_t, opt_meta = flatten_optimizer(opt)
@@ -340,18 +360,21 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         save_state(state_path, tensors, meta)
 
     from .tracking import Tracker, session_strip
-    tracker = Tracker(cfg.track, out, to_dict(cfg), project=cfg.track_project)
+    tracker = Tracker(cfg.track if main else "", out, to_dict(cfg), project=cfg.track_project)
     t_start = time.time() - elapsed
     last: dict[str, Any] = {}
     evals: dict[int, Any] = {}
     while step < cfg.max_steps and (stop_at is None or step < stop_at):
-        if cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes:
+        over = bool(cfg.max_minutes) and (time.time() - t_start) / 60 >= cfg.max_minutes
+        if D.global_count(int(over)) > 0:                      # every rank stops at the same step
             log(f"max_minutes={cfg.max_minutes} reached at step {step}")
             break
         row: dict[str, Any] = {"step": step + 1}
         # 2. rollout
         t0 = time.time()
-        sessions = training_sessions(cfg, step)
+        all_sessions = training_sessions(cfg, step)
+        a, b = D.shard_bounds(len(all_sessions), R, W)                 # this rank's whole sessions
+        sessions = all_sessions[a:b]
         sources = [render(session_scenes(s)[0]) for s in sessions]
         actor = old if cfg.algorithm == "nft" else policy
         actor.set_training(False)
@@ -361,17 +384,23 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             intent.reset(sessions, cfg.group)
             text_gen = step_generator(cfg, step, 99)
             batch_text_fn = lambda k: intent.texts(k, text_gen)      # noqa: E731
-        ro = grouped_rollout(actor, sessions, sources, cfg.group, cfg.turns, form=cfg.form, steps=cfg.rollout_steps,
-                             solver="sde" if grpo else cfg.solver, noise_level=cfg.noise_level,
-                             window=(cfg.window or None) if grpo else None, store=grpo,
-                             generator=step_generator(cfg, step, 0), batch_text_fn=batch_text_fn)
+        sample_kw = dict(form=cfg.form, steps=cfg.rollout_steps, solver="sde" if grpo else cfg.solver,
+                         noise_level=cfg.noise_level, window=(cfg.window or None) if grpo else None, store=grpo)
+        if per_session:
+            ro = D.rollout_sessions(actor, sessions, sources, cfg.group, cfg.turns, range(a, b),
+                                    lambda gi: D.session_generator(cfg.seed, step, 0, gi), **sample_kw)
+        else:
+            ro = grouped_rollout(actor, sessions, sources, cfg.group, cfg.turns, generator=step_generator(cfg, step, 0),
+                                 batch_text_fn=batch_text_fn, **sample_kw)
         t1 = time.time()
         # 3. rewards
         verdicts = judge_rollout(judge, sessions, ro)
         t2 = time.time()
-        # 4. advantages
-        adv = compute_advantages(verdicts, cfg.adv)
+        # 4. advantages (on the whole batch: every rank gathers every verdict)
+        adv = compute_advantages(D.gather_verdicts(verdicts) if W > 1 else verdicts, cfg.adv)
         row.update(adv.stats)
+        A_loc = D.local_slice(adv.A, len(all_sessions), R, W) if W > 1 else adv.A           # [B_rank, G, K]
+        M_loc = D.local_slice(adv.mask, len(all_sessions), R, W) if W > 1 else adv.mask
         # 5. loss and update: `epochs` optimiser steps on this rollout (NFT: fresh re-noising
         # each epoch; GRPO: PPO-style, the clipped ratio moves away from 1 after the first)
         t_loss, t_opt = 0.0, 0.0
@@ -382,9 +411,21 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             opt.zero_grad(set_to_none=True)
             ta = time.time()
             if grpo:
-                st = grpo_update(cfg, policy, ref, ro, adv.A, adv.mask)
+                st = grpo_update(cfg, policy, ref, ro, A_loc, M_loc)
             else:
-                st = nft_update(cfg, policy, old, ref, ro, adv.A, adv.mask, step_generator(cfg, step, 1 + epoch))
+                draws_fn = None
+                if per_session:
+                    def draws_fn(shape, e=epoch):
+                        return D.nft_draws(lambda gi: D.session_generator(cfg.seed, step, 1 + e, gi), range(a, b),
+                                           cfg.group, cfg.turns, shape, cfg.nft_sigma_min, cfg.nft_shared_noise)
+                st = nft_update(cfg, policy, old, ref, ro, A_loc, M_loc, step_generator(cfg, step, 1 + epoch), draws_fn)
+            if W > 1:   # each rank's loss is a mean over its samples: weight by its share, then all-reduce
+                n_loc = st.get("grpo/transitions", st.get("nft/samples", 0.0))
+                n_all = D.global_count(n_loc)
+                D.scale_grads_(params, D.grad_scale(n_loc, n_all))
+                D.sync_gradients_(params)
+                st = {k: (n_all if k in ("nft/samples", "grpo/transitions") else
+                          v if k.endswith("ratio_max") else D.global_mean(v, n_loc)) for k, v in st.items()}
             if epoch == 0:
                 row.update(st)
             else:
@@ -392,9 +433,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             tb = time.time()
             t_loss += tb - ta
             grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
+            bad = not all(torch.isfinite(g).all() for g in grads)
+            if D.global_count(len(grads)) == 0:                  # decided alike on every rank
                 row["skipped"] = "no trained sample (all masked)"
-            elif not all(torch.isfinite(g).all() for g in grads):
+            elif D.global_count(int(bad)) > 0:
                 row["skipped"] = "non-finite gradient"
             else:
                 gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -423,11 +465,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         row.update({"time/rollout_s": round(t1 - t0, 3), "time/reward_s": round(t2 - t1, 3),
                     "time/update_s": round(t3 - t2, 3), "elapsed_min": round(elapsed / 60, 3)})
         # 6. evaluate, log, checkpoint
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+        if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log, intent)
             evals[step] = res
             row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             append_metrics(metrics_path, row)
             if tracker.active:
                 tracker.scalars(step, row)
@@ -440,11 +482,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         last = row
         if progress:
             progress(step, cfg.max_steps, row)
-        if step % cfg.ckpt_every == 0:
+        if step % cfg.ckpt_every == 0 and main:
             save()
-    save()
+        D.barrier()
+    if main:
+        save()
     tracker.close()
     final = out / "final"
+    if not main:                       # rank 0 writes the final weights and evaluates
+        D.barrier()
+        return {"out": str(out), "steps": step, "rank": R}
     final.mkdir(exist_ok=True)
     policy.save(final / policy.checkpoint_file, extra_meta={"rl_steps": str(step), "rl_algorithm": cfg.algorithm,
                                                             "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec})
@@ -455,6 +502,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                                "final": str(final), "last": last}
     if cfg.final_eval and (stop_at is None or step >= cfg.max_steps):
         summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log, intent)
+    D.barrier()
     return summary
 
 
