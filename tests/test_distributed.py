@@ -78,22 +78,33 @@ def _accelerate_cmd() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+def _small_ckpt(tmp_path: Path) -> tuple[TinyEditor, Path]:
+    """A small random tiny editor (non-zero output layer) saved to tmp_path."""
     torch.manual_seed(0)
     ed = TinyEditor(SMALL)
     torch.nn.init.normal_(ed.net.out.weight, std=0.05)
     ckpt = tmp_path / "model.safetensors"
     ed.save(ckpt)
-    args = [str(WORKER), "--ckpt", str(ckpt), "--sessions", str(SESSIONS)]
+    return ed, ckpt
 
-    _run([sys.executable, *args, "--out", str(tmp_path / "one")])
+
+def _launch_two() -> list[str]:
+    """`accelerate launch` for 2 gloo processes (`--cpu --num_processes 2` silently starts ONE
+    process; --multi_gpu with ACCELERATE_USE_CPU gives gloo DDP)."""
     launch = _accelerate_cmd()
     if launch[-1] != "accelerate.commands.launch":
         launch = launch + ["launch"]
-    # `--cpu --num_processes 2` silently starts ONE process; --multi_gpu + ACCELERATE_USE_CPU gives gloo DDP
-    _run([*launch, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args, "--out", str(tmp_path / "two")])
+    return [*launch, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    ed, ckpt = _small_ckpt(tmp_path)
+    args = [str(WORKER), "--ckpt", str(ckpt), "--sessions", str(SESSIONS)]
+
+    _run([sys.executable, *args, "--out", str(tmp_path / "one")])
+    _run([*_launch_two(), *args, "--out", str(tmp_path / "two")])
 
     one = torch.load(tmp_path / "one" / "rank0.pt")
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
@@ -131,21 +142,13 @@ def test_editrl_train_two_processes_match_one(tmp_path):
     from editrl.editors.tiny import load_tiny
 
     pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
-    torch.manual_seed(0)
-    ed = TinyEditor(SMALL)
-    torch.nn.init.normal_(ed.net.out.weight, std=0.05)
-    ckpt = tmp_path / "model.safetensors"
-    ed.save(ckpt)
+    ed, ckpt = _small_ckpt(tmp_path)
     over = [f"init=tiny:{ckpt}", "sessions_per_step=3", "group=3", "turns=2", "rollout_steps=2", "max_steps=2",
             "minibatch=8", "final_eval=false", "eval_every=0", "threads=1", "session_rng=true", "lr=1e-3",
             "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1"]
     _run([sys.executable, "-m", "editrl.cli", "train", "--config", "shapes-nft", "--out", str(tmp_path / "one"), *over],
          timeout=240)
-    launch = _accelerate_cmd()
-    if launch[-1] != "accelerate.commands.launch":
-        launch = launch + ["launch"]
-    _run([*launch, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "editrl.cli", "train",
+    _run([*_launch_two(), "-m", "editrl.cli", "train",
           "--config", "shapes-nft", "--out", str(tmp_path / "two"), *over], timeout=240)
 
     def rows(d):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..session import EditrlInputError, atomic_path
+from ..session import EditrlInputError, atomic_path, sha256_file
 from .base import FlowEditor, tensor_to_images
 from .tiny import PICKLE_SUFFIXES
 
@@ -453,7 +453,7 @@ class DiffusersEditor(FlowEditor):
         base = Path(meta["base_model"])
         ed = cls.load(base, mode=mode, opts=ModelConfig(**{**saved, "path": str(base)}))
         ed.load_state_dict(sd)
-        ed.weights_sha256 = _sha256(lora_file)
+        ed.weights_sha256 = sha256_file(lora_file)
         return ed
 
     @classmethod
@@ -477,14 +477,6 @@ def read_lora_file(path: Path, editor_name: str) -> tuple[dict[str, str], dict[s
         raise EditrlInputError(f"{path}: a LoRA for {meta.get('editor')!r}, not {editor_name!r}")
     return meta, load_file(str(path))
 
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class AdapterView(FlowEditor):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..session import EditrlInputError
+from ..session import EditrlInputError, sha256_file
 from .base import FlowEditor
 
 # Every word the ShapesWorld grammar emits (tests check the grammar against this list).
@@ -407,17 +407,9 @@ class TinyEditor(FlowEditor):
         if missing or unexpected:
             raise EditrlInputError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         editor = cls(cfg, mode=mode, net=net)
-        editor.weights_sha256 = _sha256(path)
+        editor.weights_sha256 = sha256_file(path)
         return editor
 
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..editors.tiny import WORDS
-from ..session import EditrlInputError
+from ..session import EditrlInputError, sha256_file
 from .base import IntentQuery, Reconstruction
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<scene>", "<hist>", "<prev>", "<now>", ";")
@@ -239,8 +239,6 @@ def save_policy(policy: TinyIntentPolicy, path: str | os.PathLike, meta: dict[st
 
 
 def load_policy(path: str | os.PathLike) -> tuple[TinyIntentPolicy, str]:
-    import hashlib
-
     from safetensors import safe_open
     from safetensors.torch import load_file
     p = Path(path)
@@ -261,7 +259,7 @@ def load_policy(path: str | os.PathLike) -> tuple[TinyIntentPolicy, str]:
         raise
     except Exception as e:
         raise EditrlInputError(f"{p}: cannot read the policy weights ({type(e).__name__}: {e})") from None
-    return policy, hashlib.sha256(p.read_bytes()).hexdigest()
+    return policy, sha256_file(p)
 
 
 def load_tiny_policy(spec: str) -> TinyPolicyReconstructor:
