@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
-from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -34,32 +32,6 @@ from editrl.world.grammar import session_scenes  # noqa: E402
 from editrl.world.render import render  # noqa: E402
 
 STEP = 0
-
-
-@contextmanager
-def presampled_nft_draws(sig_tab: torch.Tensor, eps_tab: torch.Tensor):
-    """Make `train.nft_update`'s two table draws (torch.rand, then torch.randn) return the given
-    per-global-session tables. Stand-in until nft_update takes `draws=` (see distributed.nft_draws)."""
-    real = T.torch
-    calls = {"rand": 0, "randn": 0}
-
-    def rand(*a, **k):
-        calls["rand"] += 1
-        assert tuple(a[:2]) == tuple(sig_tab.shape), (a, sig_tab.shape)
-        return sig_tab.clone()
-
-    def randn(shape, **k):
-        calls["randn"] += 1
-        assert tuple(shape) == tuple(eps_tab.shape), (shape, eps_tab.shape)
-        return eps_tab.clone()
-
-    shim = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("__")})
-    shim.rand, shim.randn = rand, randn
-    T.torch = shim
-    try:
-        yield calls
-    finally:
-        T.torch = real
 
 
 def main() -> None:
@@ -106,12 +78,12 @@ def main() -> None:
     A, mask = D.local_slice(adv.A, B, r, w), D.local_slice(adv.mask, B, r, w)
 
     # NFT gradient over the shard's trained samples, scaled to the global sample mean, all-reduced
-    shape = policy.encode_image(ro.turns[0].outputs[:1]).shape[1:]
-    sig_tab, eps_tab = D.nft_draws(lambda gi: D.session_generator(cfg.seed, STEP, 1, gi), gidx, G, K, shape,
-                                   cfg.nft_sigma_min, cfg.nft_shared_noise)
+    def draws_fn(shape):   # per-global-session re-noising tables, as train.py draws them
+        return D.nft_draws(lambda gi: D.session_generator(cfg.seed, STEP, 1, gi), gidx, G, K, shape,
+                           cfg.nft_sigma_min, cfg.nft_shared_noise)
+
     policy.set_training(True)
-    with presampled_nft_draws(sig_tab, eps_tab):
-        st = T.nft_update(cfg, policy, old, None, ro, A, mask, torch.Generator())
+    st = T.nft_update(cfg, policy, old, None, ro, A, mask, torch.Generator(), draws_fn)
     n_local = int(st["nft/samples"])
     n_global = D.global_count(n_local)
     D.scale_grads_(params, D.grad_scale(n_local, n_global, reduce="mean"))
