@@ -61,8 +61,13 @@ class VerdictCache:
 
     def put_many(self, items: Iterable[tuple[str, TurnVerdict]], judge_id: str) -> int:
         """Store verdicts that carry no judge error, in one transaction; returns how many."""
+        return self.put_texts(((k, v.model_dump_json()) for k, v in items if not v.has_error), judge_id)
+
+    def put_texts(self, items: Iterable[tuple[str, str]], judge_id: str) -> int:
+        """Store already serialized verdicts (`TurnVerdict.model_dump_json()` of verdicts
+        without a judge error), in one transaction; returns how many."""
         now = time.time()
-        rows = [(k, judge_id, v.model_dump_json(), now) for k, v in items if not v.has_error]
+        rows = [(k, judge_id, text, now) for k, text in items]
         if rows:
             with self.db:  # BEGIN ... COMMIT
                 self.db.execute("BEGIN")
@@ -85,6 +90,9 @@ class NoCache:
         return {}
 
     def put_many(self, items: Iterable[tuple[str, TurnVerdict]], judge_id: str) -> int:
+        return 0
+
+    def put_texts(self, items: Iterable[tuple[str, str]], judge_id: str) -> int:
         return 0
 
     def close(self) -> None:

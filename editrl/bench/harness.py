@@ -181,8 +181,11 @@ def _phase_worker_init(context: dict[str, Any]) -> None:
     _PHASE["cache"] = VerdictCache(context["cache_path"]) if context["cache_path"] else NoCache()
 
 
-def _phase_worker_chunk(work: list[tuple[int, list[int]]]) -> tuple[list[dict], list, dict[str, float]]:
-    """Load, hash, look up and judge the turns `work` = [(session index, turns)]."""
+def _phase_worker_chunk(work: list[tuple[int, list[int]]]) -> tuple[str, list[tuple[str, str]], dict[str, float]]:
+    """Load, hash, look up and judge the turns `work` = [(session index, turns)]; returns the
+    finished records as records.jsonl lines, the new cache entries as (key, verdict JSON)
+    and the counters. Serialising here leaves the parent only writes to do: a chunk comes
+    back as one string instead of nested dicts and models to unpickle."""
     ctx = _PHASE
     sessions = ctx["suite"].sessions
     pending = [p for i, ks in work
@@ -190,7 +193,9 @@ def _phase_worker_chunk(work: list[tuple[int, list[int]]]) -> tuple[list[dict], 
     stats = RunStats()
     cache = _RecordingCache(ctx["cache"])
     done = judge_chunk(pending, ctx["judge"], cache, stats)
-    return done, cache.new, {k: getattr(stats, k) for k in ("judge_calls", "judge_batches", "cache_hits", "judge_call_seconds")}
+    entries = [(k, v.model_dump_json()) for k, v in cache.new if not v.has_error]
+    counts = {k: getattr(stats, k) for k in ("judge_calls", "judge_batches", "cache_hits", "judge_call_seconds")}
+    return _record_lines(done), entries, counts
 
 
 def resolve_form(form: str, editor_spec: str) -> str:
@@ -586,12 +591,10 @@ def judge_phase(suite: Suite, images: ImageSource, judge: Any, cache: Any, texts
         return _judge_phase_workers(suite, images, judge, cache, texts, form, records_path, chunk_size, stats,
                                     advance, todo, records, same_size)
     pending = (p for s, ks in todo for p in pending_requests(s, ks, images, texts, form, same_size))
-    with open(records_path, "a", encoding="utf-8") as f:
+    with _RecordsFile(records_path) as f:
         for chunk in _chunks(pending, chunk_size):
             done = judge_chunk(chunk, judge, cache, stats)
-            f.write("".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in done))
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(_record_lines(done))
             for r in done:
                 records[(r["session_id"], r["turn"])] = r
             if advance:
@@ -599,12 +602,34 @@ def judge_phase(suite: Suite, images: ImageSource, judge: Any, cache: Any, texts
     return records
 
 
-def _append_records(f, done: list[dict[str, Any]], records: dict) -> None:
-    f.write("".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in done))
-    f.flush()
-    os.fsync(f.fileno())
-    for r in done:
-        records[(r["session_id"], r["turn"])] = r
+def _record_lines(done: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in done)
+
+
+class _RecordsFile:
+    """records.jsonl opened for appending. Every chunk is written and flushed at once (a
+    killed process loses nothing it wrote); fsync, which only guards against a machine
+    crash, runs at most once per `sync_every` seconds and on close, not once per chunk.
+    A torn last line after a crash is cut off by `read_records`."""
+
+    def __init__(self, path: Path, sync_every: float = 1.0) -> None:
+        self.f = open(path, "a", encoding="utf-8")
+        self.sync_every, self.synced = sync_every, time.monotonic()
+
+    def write(self, text: str) -> None:
+        self.f.write(text)
+        self.f.flush()
+        if time.monotonic() - self.synced >= self.sync_every:
+            os.fsync(self.f.fileno())
+            self.synced = time.monotonic()
+
+    def __enter__(self) -> "_RecordsFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
 
 
 def _judge_phase_workers(suite: Suite, images: ImageSource, judge: ProcessPoolJudge, cache: Any, texts: dict,
@@ -624,16 +649,16 @@ def _judge_phase_workers(suite: Suite, images: ImageSource, judge: ProcessPoolJu
         n += len(ks)
     pool = judge.phase_pool({"suite": suite, "images": images, "texts": texts, "form": form, "same_size": same_size,
                              "cache_path": None if cache.path is None else str(cache.path)})
-    with open(records_path, "a", encoding="utf-8") as f:
-        for done, new, st in pool.map(_phase_worker_chunk, chunks):
-            if new:
-                cache.put_many(new, judge.judge_id)
+    with _RecordsFile(records_path) as f:
+        for (text, entries, st), work in zip(pool.map(_phase_worker_chunk, chunks), chunks):
+            if entries:
+                cache.put_texts(entries, judge.judge_id)
             for k, v in st.items():
                 setattr(stats, k, getattr(stats, k) + v)
-            _append_records(f, done, records)
+            f.write(text)
             if advance:
-                advance(len(done))
-    return records
+                advance(sum(len(ks) for _, ks in work))
+    return read_records(records_path)         # the file is the record: resumed and new lines alike
 
 
 # -------------------------------------------------------------------------- 4. results
