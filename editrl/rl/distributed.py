@@ -135,8 +135,11 @@ def rollout_sessions(editor, sessions: Sequence, sources: Sequence[np.ndarray], 
 
     if kw.get("batch_text_fn") is not None:
         raise ValueError("rollout_sessions does not support batch_text_fn (it is batch-wide)")
-    parts = [grouped_rollout(editor, [s], [src], G, K, generator=gen_fn(int(gi)), **kw)
-             for s, src, gi in zip(sessions, sources, global_indices)]
+    on_turn = kw.pop("on_turn", None)
+    parts = []
+    for j, (s, src, gi) in enumerate(zip(sessions, sources, global_indices)):
+        hook = None if on_turn is None else (lambda k, rows, j=j: on_turn(k, [(b + j, g, im) for b, g, im in rows]))
+        parts.append(grouped_rollout(editor, [s], [src], G, K, generator=gen_fn(int(gi)), on_turn=hook, **kw))
     return merge_rollouts(parts)
 
 

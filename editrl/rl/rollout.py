@@ -56,13 +56,16 @@ class Rollout:
 def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Sequence[np.ndarray], G: int,
                     K: int | None = None, form: str = "explicit", steps: int = 10, solver: str = "ode",
                     noise_level: float = 0.7, window: int | None = None, store: bool = False,
-                    generator: torch.Generator | None = None, text_fn=None, batch_text_fn=None) -> Rollout:
+                    generator: torch.Generator | None = None, text_fn=None, batch_text_fn=None,
+                    on_turn=None) -> Rollout:
     """Roll out G trajectories of every session for K turns on the editor's own outputs.
 
     `text_fn(session, k, images_so_far) -> (instruction, context)` overrides the text form
     (used by intent reconstruction); by default `editrl.rollout.turn_texts(session, k, form)`.
     `batch_text_fn(k) -> [(instruction, context)] * (B*G)` writes a whole turn's texts at once
     (row b*G + g; rows of ended sessions are ignored), e.g. a sampling text policy.
+    `on_turn(k, rows)` is called as soon as turn k is done, rows = [(b, g, images so far)] of
+    the trajectories that have turn k (how rewards are judged while the rollout goes on).
     """
     if G < 1:
         raise ValueError("G must be at least 1")
@@ -97,4 +100,6 @@ def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Se
                 images[b][g].append(img)
                 current[i] = img
         turns.append(TurnBatch(k, x_in, x_out, texts, contexts, live, res.transitions if store else None))
+        if on_turn is not None:
+            on_turn(k, [(b, g, images[b][g]) for b in range(B) for g in range(G) if sessions[b].n_turns >= k])
     return Rollout([s.id for s in sessions], G, K, turns, images)

@@ -12,8 +12,11 @@ The recipe, top to bottom (`train`):
 2. **Rollout** (`rl.rollout.grouped_rollout`): B fresh ShapesWorld sessions x G trajectories
    x K turns on the policy's own outputs. GRPO samples with the SDE and stores each window
    step's log-probability; NFT samples with any solver and keeps each turn's clean output.
-3. **Reward.** Every turn of every trajectory is judged (`judges`: the exact program judge
-   on ShapesWorld; any Judge works); judge errors stay errors and mask their samples.
+3. **Reward** (`rl.rewards`). Every turn of every trajectory is judged by the benchmark's
+   judges (`reward.judge`: the exact program judge on ShapesWorld, `vlm:URL` for an
+   OpenAI-compatible server such as vLLM, `vlm-local:PATH` for a transformers VLM), turn by
+   turn on a background thread while the rollout goes on; judge errors stay errors and mask
+   their samples. Sessions come from the ShapesWorld grammar or a sessions file (`suite`).
 4. **Advantages** (`rl.advantages.compute_advantages`): binary or graded scores, turn
    aggregation, reward- or advantage-level fusion, broadcast or per-turn assignment,
    trajectory and group filters; every masked share is logged.
@@ -49,16 +52,14 @@ from ..editors import REAL_EDITORS
 from ..editors.base import FlowEditor
 from ..editors.diffusers_common import ModelConfig
 from ..judges.base import JudgeRequest
-from ..judges.program import ProgramJudge
 from ..sampling import sde_step_with_logprob
 from ..session import EditrlInputError, atomic_write_text
-from ..world.grammar import GrammarConfig, sample_session, session_scenes
-from ..world.render import render
 from .advantages import AdvantageConfig, compute_advantages
 from .flow_grpo import grpo_loss, transition_kl
 from . import distributed as D
 from .joint_intent import IntentActor, IntentConfig
 from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
+from .rewards import RewardConfig, RewardPipeline, TrainingSessions, load_reward_judge
 from .rollout import Rollout, grouped_rollout
 
 TRAIN_SEED_OFFSET = 7_919          # training sessions: sample_session(seed + offset, step * B + i)
@@ -82,6 +83,11 @@ class TrainConfig:
     window: int = 0                     # GRPO: SDE window length (0 = every step but the last)
     constraint_share: float = 0.3       # grammar: share of sessions with a global rule
     pronoun_prob: float = 0.6           # grammar: chance of a pronoun where one is possible
+    suite: str = "shapes"               # training sessions: shapes (fresh grammar sessions every step) | a sessions
+                                        # file (editrl JSONL, MICE-Bench, EdiVal; shuffled passes; needs a vlm reward
+                                        # unless its sessions carry ShapesWorld scenes)
+    image_size: int = 0                 # file suites: bring every source to N x N (shorter side, centre crop); 0 = keep
+    reward: RewardConfig = field(default_factory=RewardConfig)   # the judge behind the rewards and its options
     # optimisation
     lr: float = 3e-5
     weight_decay: float = 0.0
@@ -112,7 +118,8 @@ class TrainConfig:
     eval_every: int = 0                 # benchmark the policy every N steps (0 = only at the end)
     eval_sessions: int = 64
     eval_steps: int = 10
-    eval_suite: str = "shapes"          # held-out suite: shapes | shapes-long (same grammar as `turns` training)
+    eval_suite: str = "shapes"          # held-out suite: shapes | shapes-long (exact judge, eval_sessions fresh sessions) |
+                                        # a sessions file (judged by the reward's judge, every session)
     final_eval: bool = True
     ckpt_every: int = 5
     log_every: int = 1
@@ -144,11 +151,14 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- helpers
 
-def training_sessions(cfg: TrainConfig, step: int) -> list:
-    """The B sessions of `step`: a pure function of (seed, step), disjoint from evaluation."""
-    g = GrammarConfig(turns=cfg.turns, constraint_share=cfg.constraint_share, pronoun_prob=cfg.pronoun_prob)
-    B = cfg.sessions_per_step
-    return [sample_session(cfg.seed + TRAIN_SEED_OFFSET, step * B + i, g) for i in range(B)]
+def session_source(cfg: TrainConfig) -> TrainingSessions:
+    return TrainingSessions(cfg.suite, cfg.seed, cfg.turns, cfg.constraint_share, cfg.pronoun_prob, cfg.image_size)
+
+
+def training_sessions(cfg: TrainConfig, step: int, source: TrainingSessions | None = None) -> list:
+    """The B sessions of `step`: a pure function of (seed, step); ShapesWorld sessions are
+    disjoint from evaluation."""
+    return (source or session_source(cfg)).sessions(step, cfg.sessions_per_step, TRAIN_SEED_OFFSET)
 
 
 def step_generator(cfg: TrainConfig, step: int, stream: int) -> torch.Generator:
@@ -323,7 +333,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     ref = policy.reference_policy() if needs_ref else None
     params = [p for p in policy.trainable_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    judge = ProgramJudge()
+    sessions_src = session_source(cfg)
+    judge = load_reward_judge(cfg.reward)
+    if getattr(judge, "judge_id", "") == "program" and sessions_src.suite is not None:
+        from ..bench.harness import check_judge_inputs
+        check_judge_inputs(judge, sessions_src.suite)
+    rewards = RewardPipeline(judge, overlap=cfg.reward.overlap)
     intent = IntentActor(cfg.intent) if cfg.intent.spec != "none" else None
     if intent is not None and mode != "explicit":
         raise EditrlInputError("intent.spec writes explicit instructions: use form=explicit with it")
@@ -372,10 +387,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         row: dict[str, Any] = {"step": step + 1}
         # 2. rollout
         t0 = time.time()
-        all_sessions = training_sessions(cfg, step)
+        all_sessions = training_sessions(cfg, step, sessions_src)
         a, b = D.shard_bounds(len(all_sessions), R, W)                 # this rank's whole sessions
         sessions = all_sessions[a:b]
-        sources = [render(session_scenes(s)[0]) for s in sessions]
+        sources = [sessions_src.source(s) for s in sessions]
+        rewards.begin(sessions, cfg.group, explicit=cfg.form == "explicit")
         actor = old if cfg.algorithm == "nft" else policy
         actor.set_training(False)
         grpo = cfg.algorithm == "grpo"
@@ -388,13 +404,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                          noise_level=cfg.noise_level, window=(cfg.window or None) if grpo else None, store=grpo)
         if per_session:
             ro = D.rollout_sessions(actor, sessions, sources, cfg.group, cfg.turns, range(a, b),
-                                    lambda gi: D.session_generator(cfg.seed, step, 0, gi), **sample_kw)
+                                    lambda gi: D.session_generator(cfg.seed, step, 0, gi), on_turn=rewards.turn_done,
+                                    **sample_kw)
         else:
             ro = grouped_rollout(actor, sessions, sources, cfg.group, cfg.turns, generator=step_generator(cfg, step, 0),
-                                 batch_text_fn=batch_text_fn, **sample_kw)
+                                 batch_text_fn=batch_text_fn, on_turn=rewards.turn_done, **sample_kw)
         t1 = time.time()
-        # 3. rewards
-        verdicts = judge_rollout(judge, sessions, ro)
+        # 3. rewards (judged turn by turn during the rollout; what is left is waited for here)
+        verdicts, wait = rewards.verdicts()
+        row["time/reward_wait_s"] = round(wait, 3)
+        row["reward/judge_calls"] = int(D.global_count(rewards.calls)) if W > 1 else rewards.calls
         t2 = time.time()
         # 4. advantages (on the whole batch: every rank gathers every verdict)
         adv = compute_advantages(D.gather_verdicts(verdicts) if W > 1 else verdicts, cfg.adv)
@@ -487,6 +506,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         D.barrier()
     if main:
         save()
+    rewards.close()
     tracker.close()
     final = out / "final"
     if not main:                       # rank 0 writes the final weights and evaluates
@@ -529,9 +549,16 @@ def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None], in
             from ..intent.tiny import save_policy
             save_policy(intent.policy, out / "intent.safetensors")
             spec = f"tiny:{out / 'intent.safetensors'}"
-    bc = BenchConfig(suite=cfg.eval_suite, editor=f"{policy.name}:{tmp}", judge="program", out=out, sessions=cfg.eval_sessions,
-                     turns=cfg.turns, seed=EVAL_SEED + cfg.seed, form="auto" if intent is not None else cfg.form,
-                     steps=cfg.eval_steps, no_cache=True, bootstrap=200, strips=8, intent=spec)
+    from ..bench.harness import JUDGE_OPTIONS
+    from ..bench.suites import SHAPES_SUITES
+
+    shapes = cfg.eval_suite in SHAPES_SUITES        # ShapesWorld: the exact judge; a sessions file: the reward's judge
+    judge = "program" if shapes else cfg.reward.judge
+    options = {} if shapes else {k: v for k, v in cfg.reward.options().items() if k in JUDGE_OPTIONS}
+    bc = BenchConfig(suite=cfg.eval_suite, editor=f"{policy.name}:{tmp}", judge=judge, judge_options=options, out=out,
+                     sessions=cfg.eval_sessions if shapes else None, turns=cfg.turns, seed=EVAL_SEED + cfg.seed,
+                     form="auto" if intent is not None else cfg.form, steps=cfg.eval_steps, no_cache=True,
+                     bootstrap=200, strips=8, intent=spec)
     run_bench(bc, log=lambda m: None)
     return json.loads((out / "results.json").read_text())
 
