@@ -93,12 +93,16 @@ class RewardPipeline:
         if not reqs:
             return
         self.calls += len(reqs)
-        self.pending.append((where, self.pool.submit(self.judge.judge, reqs) if self.pool else self.judge.judge(reqs)))
+        self.pending.append((where, self.pool.submit(self.judge.judge, reqs) if self.pool else reqs))
 
     def verdicts(self) -> tuple[list[list[list]], float]:
-        """All verdicts of the step, and the seconds spent waiting for them here."""
+        """All verdicts of the step, and the seconds spent waiting for them here (without
+        overlap: every turn's requests judged now, in one batch)."""
         t0 = time.perf_counter()
         out: list[list[list]] = [[[None] * s.n_turns for _ in range(self.G)] for s in self.sessions]
+        if self.pool is None and self.pending:
+            where = [w for ws, _ in self.pending for w in ws]
+            self.pending = [(where, self.judge.judge([r for _, reqs in self.pending for r in reqs]))]
         for where, res in self.pending:
             got = res.result() if isinstance(res, Future) else res
             if len(got) != len(where):
