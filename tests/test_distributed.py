@@ -173,3 +173,14 @@ def test_editrl_train_two_processes_match_one(tmp_path):
     moved = max(float((wa[k] - ed.state_dict()[k]).abs().max()) for k in wa)
     assert moved > 1e-4                                                   # it trained
     assert all(torch.allclose(wa[k], wb[k], atol=0.1 * moved) for k in wa)
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_unwired_sharding_launches_are_refused(var, monkeypatch):
+    """An FSDP / DeepSpeed launch would silently keep a whole model per process: refused."""
+    from editrl.session import EditrlInputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(EditrlInputError, match="ddp.yaml"):
+        D.init_from_env()

@@ -67,6 +67,11 @@ def init_from_env(backend: str | None = None) -> bool:
         return True
     if not launched():
         return False
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            from ..session import EditrlInputError
+            raise EditrlInputError(f"this launch asks for {what}, which editrl train does not wire yet (every process "
+                                   f"would hold a whole copy of the model); launch with recipes/accelerate/ddp.yaml")
     if backend is None:
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         backend = "nccl" if torch.cuda.is_available() and not cpu else "gloo"
