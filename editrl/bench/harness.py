@@ -51,7 +51,8 @@ from .metrics import COMPARED, outcomes_from_records, overall_metrics, paired_di
 from .suites import Suite, load_suite, sessions_digest
 
 FORMS = ("auto", "explicit", "raw", "in_context")
-JUDGE_OPTIONS = ("model", "protocol", "votes", "temperature", "think", "concurrency", "timeout", "retries")
+JUDGE_OPTIONS = ("model", "protocol", "votes", "temperature", "think", "concurrency", "timeout", "retries",
+                 "threshold", "max_tokens", "device", "dtype", "batch_size")
 
 # progress(description, total) -> advance(n)
 Progress = Callable[[str, int], Callable[[int], None]]

@@ -45,11 +45,11 @@ class RewardConfig:
     concurrency: int | None = None         # vlm:URL: requests in flight
     timeout: float | None = None           # vlm:URL: seconds per request
     retries: int | None = None             # vlm:URL: retries after a transport error / 5xx
-    api_key: str | None = None             # vlm:URL: bearer token
     device: str | None = None              # vlm-local: cpu | cuda
     dtype: str | None = None               # vlm-local: float32 | bfloat16
     batch_size: int | None = None          # vlm-local: prompts per generate call
     overlap: bool = True                   # judge turn k on a background thread while turn k+1 rolls out
+    # (an API key is read from OPENAI_API_KEY, as by `editrl bench`: a key in the config would be written to config.json)
 
     def options(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("judge", "overlap") and v is not None}
