@@ -89,3 +89,13 @@ def test_summarise_paired_differences_and_bootstrap():
     assert bootstrap_ci(np.ones(5), 100, 0) == (1.0, 1.0) and bootstrap_ci(np.ones(5), 0, 0) is None
     assert set(STUDIES) >= {"assignment", "fusion", "scoring", "aggregation", "trajectory_filter", "algorithm",
                             "train_turns", "control"}
+
+
+def test_assignment_study_compares_the_base_with_the_other_assignment(tmp_path):
+    """The base preset's own assignment is never run a second time as the 'other' arm."""
+    from editrl.rl.ablate import AblateConfig, arms, study_arms
+
+    per_turn_base = AblateConfig(out=tmp_path, studies=["assignment"])               # shapes-nft: per_turn
+    assert study_arms(per_turn_base, "assignment") == [("base", []), ("broadcast", ["adv.assignment=broadcast"])]
+    broadcast_base = AblateConfig(out=tmp_path, studies=["assignment"], overrides=["adv.assignment=broadcast"])
+    assert arms(broadcast_base) == {"base": [], "per_turn": ["adv.assignment=per_turn"]}

@@ -30,7 +30,7 @@ from ..session import EditrlInputError, atomic_write_text
 
 # study -> [(arm, overrides)]; "@grpo" switches the preset, "@supervised" runs the control.
 STUDIES: dict[str, list[tuple[str, list[str]]]] = {
-    "assignment": [("base", []), ("per_turn", ["adv.assignment=per_turn"])],
+    "assignment": [("base", []), ("@other_assignment", [])],      # the assignment the base does not use
     "fusion": [("base", []), ("reward_fusion", ["adv.fusion=reward"])],
     "scoring": [("base", []), ("binary", ["adv.scoring=binary"])],
     "aggregation": [("base", [])] + [(f"agg_{m}", [f"adv.aggregation={m}"])
@@ -64,9 +64,28 @@ def arms(cfg: AblateConfig) -> dict[str, list[str]]:
         raise EditrlInputError(f"unknown study {unknown[0]!r} (expected: {', '.join(STUDIES)})")
     out: dict[str, list[str]] = {}
     for s in cfg.studies:
-        for name, ov in STUDIES[s]:
+        for name, ov in study_arms(cfg, s):
             out.setdefault(name, ov)
     return out
+
+
+def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
+    """The arms of one study, placeholders resolved against the base recipe."""
+    out = []
+    for name, ov in STUDIES[study]:
+        if name == "@other_assignment":
+            other = "broadcast" if base_assignment(cfg) == "per_turn" else "per_turn"
+            name, ov = other, [f"adv.assignment={other}"]
+        out.append((name, ov))
+    return out
+
+
+def base_assignment(cfg: AblateConfig) -> str:
+    """The advantage assignment of the base arm (its preset plus the user's overrides)."""
+    from ..config import load_config
+    from .train import TrainConfig
+
+    return load_config(TrainConfig, cfg.preset, list(cfg.overrides)).adv.assignment
 
 
 def train_arm(cfg: AblateConfig, arm: str, ov: list[str], seed: int, out: Path, log: Callable[[str], None]) -> Path:
@@ -143,9 +162,10 @@ def summarise(cfg: AblateConfig, mats: dict[str, list[np.ndarray]], base_mat: np
         }
     studies = []
     for s in cfg.studies:
-        ref = STUDIES[s][0][0]
+        resolved = study_arms(cfg, s)
+        ref = resolved[0][0]
         rows = []
-        for name, _ in STUDIES[s]:
+        for name, _ in resolved:
             if name not in per_session:
                 continue
             r = {"arm": name, **arm_rows[name]}
