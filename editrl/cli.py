@@ -336,6 +336,8 @@ def ablate_cmd(
     minutes: float = typer.Option(5.0, "--minutes", help="wall-time budget of every (arm, seed) run"),
     sessions: int = typer.Option(100, "--sessions", help="held-out 3-turn sessions per benchmark"),
     config: str = typer.Option("shapes-nft", "--config", help="base RL preset; key=value arguments override every RL arm"),
+    jobs: int = typer.Option(1, "--jobs", help="(arm, seed) runs at once, each in its own process"),
+    threads: int = typer.Option(0, "--threads", help="torch threads per run (0: the preset's; with --jobs > 1, cores / jobs)"),
 ) -> None:
     """The papers' design studies over several seeds: each arm trained for the same wall time,
     benchmarked on the same held-out sessions, compared paired by session with intervals.
@@ -344,7 +346,7 @@ def ablate_cmd(
 
     names = list(STUDIES) if studies.strip() == "all" else [x.strip() for x in studies.split(",") if x.strip()]
     cfg = AblateConfig(out=out, studies=names, seeds=seeds, minutes=minutes, sessions=sessions, preset=config,
-                       overrides=list(ctx.args))
+                       overrides=list(ctx.args), jobs=jobs, threads=threads)
     table = run_ablation(cfg, log=lambda m: err.print(escape(m)))
     err.print(markdown(table))
     emit({"out": str(out), "table": str(out / "ablation.md"), "studies": [s["study"] for s in table["studies"]]})

@@ -99,3 +99,21 @@ def test_assignment_study_compares_the_base_with_the_other_assignment(tmp_path):
     assert study_arms(per_turn_base, "assignment") == [("base", []), ("broadcast", ["adv.assignment=broadcast"])]
     broadcast_base = AblateConfig(out=tmp_path, studies=["assignment"], overrides=["adv.assignment=broadcast"])
     assert arms(broadcast_base) == {"base": [], "per_turn": ["adv.assignment=per_turn"]}
+
+
+def test_ablate_parallel_jobs_match_the_table_layout_and_resume(tmp_path):
+    """--jobs 2 runs (arm, seed) pairs in two processes; the table has every arm and seed, and
+    a re-run finds every run done (nothing is trained again)."""
+    out = tmp_path / "abl"
+    args = ["ablate", "--out", str(out), "--studies", "fusion", "--seeds", "2", "--minutes", "0.01", "--sessions", "2",
+            "--jobs", "2", "--threads", "1", *TOY]
+    p = run(args)
+    assert p.returncode == 0, p.stderr
+    t = json.loads((out / "ablation.json").read_text())
+    rows = {r["arm"]: r for r in t["studies"][0]["rows"]}
+    assert set(rows) == {"base", "reward_fusion"} and all(r["seeds"] == 2 for r in rows.values())
+    marks = sorted((out / "runs").glob("*/seed_*/bench/results.json"))
+    assert len(marks) == 4
+    before = [m.stat().st_mtime_ns for m in marks]
+    assert run(args).returncode == 0
+    assert [m.stat().st_mtime_ns for m in marks] == before

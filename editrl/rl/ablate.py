@@ -56,6 +56,16 @@ class AblateConfig:
     overrides: list[str] = field(default_factory=list)   # applied to every RL arm
     supervised_lr: float = 1e-4    # continued pretraining: peak lr (cosine to 5% over the budget)
     bootstrap: int = 1000
+    jobs: int = 1                  # (arm, seed) runs at once, each in its own process
+    threads: int = 0               # torch threads per run (0 = the preset's; with jobs > 1: cores // jobs)
+
+    def run_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        if self.jobs > 1:
+            import os
+            return max(1, (os.cpu_count() or 1) // self.jobs)
+        return 0
 
 
 def arms(cfg: AblateConfig) -> dict[str, list[str]]:
@@ -97,7 +107,8 @@ def train_arm(cfg: AblateConfig, arm: str, ov: list[str], seed: int, out: Path, 
         steps = max(10, int(cfg.minutes * 60 / 0.6))   # cosine length ~ the budget at ~0.6 s/step
         pc = load_config(PretrainConfig, "tiny-pretrain", [
             "init=tiny", f"seed={seed}", f"lr={cfg.supervised_lr}", "warmup_steps=0", f"max_steps={steps}",
-            f"max_minutes={cfg.minutes}", "eval_every=0", "ckpt_every=100"])
+            f"max_minutes={cfg.minutes}", "eval_every=0", "ckpt_every=100"]
+            + ([f"threads={cfg.run_threads()}"] if cfg.run_threads() else []))
         pretrain(pc, out, log=log)
         return out / "model.safetensors"
     from ..config import load_config
@@ -107,7 +118,8 @@ def train_arm(cfg: AblateConfig, arm: str, ov: list[str], seed: int, out: Path, 
     if extra == ["@grpo"]:
         preset, extra = cfg.grpo_preset, []
     base = [f"seed={seed}", f"max_minutes={cfg.minutes}", "max_steps=1000000", "eval_every=0", "final_eval=false"]
-    tc = load_config(TrainConfig, preset, base + list(cfg.overrides) + extra)
+    threads = [f"threads={cfg.run_threads()}"] if cfg.run_threads() else []
+    tc = load_config(TrainConfig, preset, base + threads + list(cfg.overrides) + extra)
     res = train(tc, out, log=log)
     return Path(res["final"]) / "model.safetensors"
 
@@ -210,8 +222,8 @@ def markdown(t: dict[str, Any]) -> str:
 
 
 def run_ablation(cfg: AblateConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    if cfg.seeds < 1 or cfg.sessions < 1 or cfg.minutes <= 0:
-        raise EditrlInputError("--seeds and --sessions must be at least 1 and --minutes positive")
+    if cfg.seeds < 1 or cfg.sessions < 1 or cfg.minutes <= 0 or cfg.jobs < 1 or cfg.threads < 0:
+        raise EditrlInputError("--seeds, --sessions and --jobs must be at least 1, --minutes positive, --threads >= 0")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EditrlInputError(f"--out {out} exists and is not a folder")
@@ -223,15 +235,26 @@ def run_ablation(cfg: AblateConfig, log: Callable[[str], None] = print) -> dict[
     base_ids, base_mat, _ = success_matrix(bench_weights(cfg, "tiny", out / "runs" / "base_editor" / "bench"))
     mats: dict[str, list[np.ndarray]] = {a: [] for a in todo}
     n, total = 0, len(todo) * cfg.seeds
-    for seed in range(cfg.seeds):                 # seed-major: a stopped ablation has every arm at equal depth
+    jobs = [(seed, arm, ov) for seed in range(cfg.seeds) for arm, ov in todo.items()]   # seed-major: a stopped
+    futures = {}                                                                        # ablation has every arm at equal depth
+    pool = None
+    if cfg.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"))
+        for seed, arm, ov in jobs:
+            if not (out / "runs" / arm / f"seed_{seed}" / "bench" / "results.json").is_file():
+                futures[(seed, arm)] = pool.submit(run_arm, cfg, arm, ov, seed, out / "runs" / arm / f"seed_{seed}")
+    for seed in range(cfg.seeds):
         for arm, ov in todo.items():
             n += 1
             d = out / "runs" / arm / f"seed_{seed}"
             log(f"[{n}/{total}] {arm} seed {seed}")
-            done = d / "bench" / "results.json"
-            if not done.is_file():
-                weights = train_arm(cfg, arm, ov, seed, d / "train", log=lambda m: None)
-                bench_weights(cfg, f"tiny:{weights}", d / "bench")
+            if (seed, arm) in futures:
+                futures[(seed, arm)].result()
+            elif not (d / "bench" / "results.json").is_file():
+                run_arm(cfg, arm, ov, seed, d)
             ids, mat, _ = success_matrix(d / "bench")
             if ids != base_ids:
                 raise EditrlInputError(f"{d / 'bench'}: not the ablation's sessions")
@@ -239,4 +262,15 @@ def run_ablation(cfg: AblateConfig, log: Callable[[str], None] = print) -> dict[
         table = summarise(cfg, mats, base_mat)
         atomic_write_text(out / "ablation.json", json.dumps(table, indent=2) + "\n")
         atomic_write_text(out / "ablation.md", markdown(table))
+    if pool is not None:
+        pool.shutdown()
     return table
+
+
+def run_arm(cfg: AblateConfig, arm: str, ov: list[str], seed: int, d: Path) -> Path:
+    """Train and benchmark one (arm, seed) into `d` (a worker process's whole job with --jobs)."""
+    if cfg.run_threads():
+        import torch
+        torch.set_num_threads(cfg.run_threads())
+    weights = train_arm(cfg, arm, ov, seed, d / "train", log=lambda m: None)
+    return bench_weights(cfg, f"tiny:{weights}", d / "bench")
