@@ -25,3 +25,20 @@ def judge_server():
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory):
+    """A small random tiny editor (16-32-32 channels, 32-wide 1-layer text encoder) saved as
+    safetensors, its output layer randomised so that its edits differ from the source: the
+    editor the RL tests train."""
+    import torch
+
+    from editrl.editors.tiny import TinyConfig, TinyEditor
+
+    torch.manual_seed(0)
+    ed = TinyEditor(TinyConfig(channels=(16, 32, 32), blocks=(1, 1, 1), text_dim=32, text_layers=1, heads=2))
+    torch.nn.init.normal_(ed.net.out.weight, std=0.05)
+    path = tmp_path_factory.mktemp("small") / "model.safetensors"
+    ed.save(path)
+    return path

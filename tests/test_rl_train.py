@@ -16,24 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 from editrl.config import load_config  # noqa: E402
-from editrl.editors.tiny import TinyConfig, TinyEditor, load_tiny  # noqa: E402
+from editrl.editors.tiny import load_tiny  # noqa: E402
 from editrl.rl.rollout import grouped_rollout  # noqa: E402
 from editrl.rl.train import TrainConfig, train, training_sessions  # noqa: E402
 from editrl.session import EditrlInputError  # noqa: E402
 from editrl.world.grammar import session_scenes  # noqa: E402
 from editrl.world.render import render  # noqa: E402
 
-SMALL = TinyConfig(channels=(16, 32, 32), blocks=(1, 1, 1), text_dim=32, text_layers=1, heads=2)
 
-
-@pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    ed = TinyEditor(SMALL)
-    torch.nn.init.normal_(ed.net.out.weight, std=0.05)
-    path = tmp_path_factory.mktemp("small") / "model.safetensors"
-    ed.save(path)
-    return path
 
 
 def small_cfg(ckpt, **kw) -> TrainConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_vlm import CHAT_TEMPLATE, SPECIAL_TOKENS, build_image_processor
+from tiny_vlm import CHAT_TEMPLATE, SPECIAL_TOKENS, build_image_processor, text_and_token_config
 from tiny_vlm import build_tokenizer as build_qwen_tokenizer
 
 
@@ -79,17 +79,11 @@ def qwen_edit_components(seed: int = 0) -> dict:
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     tokenizer = build_qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        **text_and_token_config(tokenizer),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, window_size=56,
-                           fullatt_block_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+                           fullatt_block_indexes=[0]))
     text_encoder = Qwen2_5_VLForConditionalGeneration(cfg)
     processor = image_only_processor(build_image_processor(), tokenizer, CHAT_TEMPLATE)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,

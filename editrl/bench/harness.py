@@ -590,7 +590,7 @@ def judge_phase(suite: Suite, images: ImageSource, judge: Any, cache: Any, texts
     same_size = getattr(judge, "judge_id", "") == "program"
     if isinstance(judge, ProcessPoolJudge) and todo:
         return _judge_phase_workers(suite, images, judge, cache, texts, form, records_path, chunk_size, stats,
-                                    advance, todo, records, same_size)
+                                    advance, todo, same_size)
     pending = (p for s, ks in todo for p in pending_requests(s, ks, images, texts, form, same_size))
     with _RecordsFile(records_path) as f:
         for chunk in _chunks(pending, chunk_size):
@@ -634,7 +634,7 @@ class _RecordsFile:
 
 
 def _judge_phase_workers(suite: Suite, images: ImageSource, judge: ProcessPoolJudge, cache: Any, texts: dict,
-                         form: str, records_path: Path, chunk_size: int, stats: RunStats, advance, todo, records,
+                         form: str, records_path: Path, chunk_size: int, stats: RunStats, advance, todo,
                          same_size: bool) -> dict:
     """The judge phase on worker processes: chunks of whole sessions (about `chunk_size`
     turns) are read, hashed, looked up and judged in the workers; this process writes the

@@ -161,10 +161,6 @@ class TrainingSessions:
             raise EditrlInputError(f"suite={suite}: no sessions")
         self._size: tuple[int, int] | None = None
 
-    @property
-    def n(self) -> int | None:
-        return None if self.suite is None else len(self.suite.sessions)
-
     def sessions(self, step: int, B: int, offset: int) -> list[Session]:
         if self.shapes:
             from ..world.grammar import sample_session

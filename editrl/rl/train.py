@@ -51,7 +51,6 @@ from ..config import to_dict
 from ..editors import REAL_EDITORS
 from ..editors.base import FlowEditor
 from ..editors.diffusers_common import ModelConfig
-from ..judges.base import JudgeRequest
 from ..sampling import sde_step_with_logprob
 from ..session import EditrlInputError, atomic_write_text
 from .advantages import AdvantageConfig, compute_advantages
@@ -166,19 +165,14 @@ def step_generator(cfg: TrainConfig, step: int, stream: int) -> torch.Generator:
 
 
 def judge_rollout(judge, sessions, ro: Rollout) -> list[list[list]]:
-    """verdicts[b][g][k] for every turn the session has (the judge sees the trajectory's images)."""
-    reqs, where = [], []
-    for b, s in enumerate(sessions):
-        for g in range(ro.G):
-            imgs = ro.images[b][g]
-            for k in range(1, s.n_turns + 1):
-                reqs.append(JudgeRequest(s, k, imgs[: k + 1]))
-                where.append((b, g, k))
-    out = judge.judge(reqs)
-    verdicts: list[list[list]] = [[[None] * s.n_turns for _ in range(ro.G)] for s in sessions]
-    for (b, g, k), v in zip(where, out):
-        verdicts[b][g][k - 1] = v
-    return verdicts
+    """verdicts[b][g][k] for every turn the session has, judged after the rollout (the same
+    requests `RewardPipeline` sends during one)."""
+    pipe = RewardPipeline(judge, overlap=False)
+    pipe.begin(sessions, ro.G, explicit=False)
+    for k in range(1, ro.K + 1):
+        pipe.turn_done(k, [(b, g, imgs) for b, groups in enumerate(ro.images) for g, imgs in enumerate(groups)
+                           if len(imgs) > k])
+    return pipe.verdicts()[0]
 
 
 def _chunks(idx: torch.Tensor, n: int):
