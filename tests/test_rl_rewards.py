@@ -178,7 +178,12 @@ def test_file_suite_sessions_are_shuffled_passes_and_sources_one_size(tmp_path):
     with pytest.raises(EditrlInputError, match="image_size"):
         keep.source(keep.suite.sessions[1])
     img = (np.arange(40 * 60 * 3) % 255).astype(np.uint8).reshape(40, 60, 3)
-    assert _square(img, 20).shape == (20, 20, 3) and _square(img[:20, :20], 20) is not None
+    out = _square(img, 20)                                   # 40x60 -> 20x30 -> centre 20x20
+    assert out.shape == (20, 20, 3) and out.dtype == np.uint8
+    sq = np.ascontiguousarray(img[:20, :20])
+    assert np.array_equal(_square(sq, 20), sq)              # already the size: unchanged
+    flat = np.full((30, 50, 3), 77, np.uint8)
+    assert (_square(flat, 10) == 77).all()                  # a flat image stays flat
 
 
 def test_program_reward_on_a_file_suite_is_a_one_line_error(tmp_path):
