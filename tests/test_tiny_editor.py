@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 from editrl.config import load_config, parse_overrides  # noqa: E402
 from editrl.editors.base import images_to_tensor, tensor_to_images  # noqa: E402
 from editrl.editors.tiny import WORDS, TinyConfig, TinyEditor, Tokenizer, load_tiny  # noqa: E402
-from editrl.pretrain import PretrainConfig, flow_matching_loss, make_batch, pretrain  # noqa: E402
+from editrl.pretrain import PretrainConfig, edit_region_mean, flow_matching_loss, make_batch, pretrain  # noqa: E402
 from editrl.session import EditrlInputError  # noqa: E402
 from editrl.world.grammar import GrammarConfig, sample_session, session_scenes  # noqa: E402
 from editrl.world.render import render  # noqa: E402
@@ -183,6 +183,54 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     a, b, c = make_batch(cfg, 7, tok), make_batch(cfg, 7, tok), make_batch(cfg, 8, tok)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["target"], c["target"])
+
+
+def test_edit_mask_marks_exactly_the_changed_pixels():
+    cfg = load_config(PretrainConfig, "tiny-smoke", ["degrade_prob=0"])
+    b = make_batch(cfg, 3, Tokenizer())
+    diff = (b["source"] != b["target"]).any(1, keepdim=True).float()                  # [B, 1, H, W]
+    assert torch.equal(b["changed"], diff)
+    # degraded inputs differ from the target almost everywhere; the mask still marks the edit alone
+    d = make_batch(load_config(PretrainConfig, "tiny-smoke", ["degrade_prob=1", "batch_size=16"]), 3, Tokenizer())
+    ddiff = (d["source"] != d["target"]).any(1, keepdim=True).float()
+    assert ddiff.mean() > 0.9 and d["changed"].mean() < 0.5
+    assert (d["changed"] <= ddiff).all()
+
+
+def test_edit_region_mean_closed_form():
+    err = torch.zeros(2, 1, 5, 5)
+    err[0, 0, 2, 2], err[0, 0, 0, 0] = 9.0, 100.0      # the far corner is outside the grown region
+    changed = torch.zeros(2, 1, 5, 5)
+    changed[0, 0, 2, 2] = 1.0                          # one pixel, grown to its 3x3 neighbourhood
+    out = edit_region_mean(err, changed)
+    assert out[0].item() == pytest.approx(9.0 / 9)     # 9 over the 9 pixels of the grown region
+    assert out[1].item() == 0.0                        # nothing changed: no extra term
+
+
+def test_edit_loss_weight_zero_is_the_plain_loss_and_positive_adds_the_region_term():
+    cfg0 = load_config(PretrainConfig, "tiny-smoke", ["batch_size=8"])
+    cfg1 = load_config(PretrainConfig, "tiny-smoke", ["batch_size=8", "edit_loss_weight=2"])
+    ed = small_editor()
+    batch = make_batch(cfg0, 0, Tokenizer())
+    with torch.no_grad():
+        l0 = flow_matching_loss(ed, batch, torch.Generator().manual_seed(0), cfg0)
+        l1 = flow_matching_loss(ed, batch, torch.Generator().manual_seed(0), cfg1)
+        # by hand: the same noise and σ draws as the loss makes
+        g = torch.Generator().manual_seed(0)
+        x0 = batch["target"]
+        B = x0.shape[0]
+        eps = torch.randn(x0.shape, generator=g)
+        sigma = torch.sigmoid(cfg0.sigma_logit_mean + torch.randn(B, generator=g) * cfg0.sigma_logit_std)
+        uni = torch.rand(B, generator=g)
+        sigma = torch.where(torch.rand(B, generator=g) < cfg0.sigma_uniform_share, uni, sigma)
+        s = sigma.view(B, 1, 1, 1)
+        cond = ed.encode_tokens(batch["source"], batch["ids"], batch["mask"])
+        err = ((ed.predict_x0((1 - s) * x0 + s * eps, sigma, cond) - x0) ** 2).mean(1, keepdim=True)
+        w = 1.0 / sigma.clamp(min=cfg0.loss_sigma_floor) ** 2
+    assert l0.item() == pytest.approx((w.view(B, 1, 1, 1) * err).mean().item(), rel=1e-5)
+    extra = (w * 2 * edit_region_mean(err, batch["changed"])).mean()
+    assert l1.item() == pytest.approx(l0.item() + extra.item(), rel=1e-5)
+    assert extra.item() > 0
 
 
 def test_flow_matching_loss_gradient_reduces_loss():
