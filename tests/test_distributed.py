@@ -64,9 +64,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], timeout: int = 120) -> None:
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int = 120, fsdp: bool = False) -> subprocess.CompletedProcess:
+    env = _env()
+    if fsdp:
+        env["ACCELERATE_USE_FSDP"] = "true"
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
 
 
 def _accelerate_cmd() -> list[str]:
@@ -175,12 +179,96 @@ def test_editrl_train_two_processes_match_one(tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=0.1 * moved) for k in wa)
 
 
-@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_unwired_sharding_launches_are_refused(var, monkeypatch):
-    """An FSDP / DeepSpeed launch would silently keep a whole model per process: refused."""
+def test_deepspeed_launch_is_refused(monkeypatch):
+    """A DeepSpeed launch would silently keep a whole model per process: refused."""
     from editrl.session import EditrlInputError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(var, "true")
-    with pytest.raises(EditrlInputError, match="ddp.yaml"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(EditrlInputError, match="fsdp.yaml"):
         D.init_from_env()
+
+
+def _train_rows(d: Path) -> list[dict]:
+    import json
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_rows(one: list[dict], two: list[dict], skip: tuple[str, ...] = ()) -> None:
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for k, v in a.items():
+            if k.startswith("time/") or k == "elapsed_min" or k in skip:
+                continue
+            if isinstance(v, float):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+            else:
+                assert b[k] == v, k
+
+
+@pytest.mark.parametrize("algo", ["shapes-nft", "shapes-grpo"])
+def test_fsdp_two_processes_match_one(tmp_path, algo):
+    """`editrl train` under an FSDP launch (ACCELERATE_USE_FSDP, 2 gloo processes): the residual
+    blocks are sharded with FSDP2 (each rank holds half), 5 sessions split 3 / 2 make the ranks
+    run different numbers of rollouts and micro-batches (padded in lockstep), and the run still
+    gives the 1-process metrics, final weights and a resumable checkpoint."""
+    from editrl.checkpoint import load_state
+    from editrl.editors.tiny import ResBlock, load_tiny
+
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    ed, ckpt = _small_ckpt(tmp_path)
+    over = [f"init=tiny:{ckpt}", "sessions_per_step=5", "group=2", "turns=2", "rollout_steps=2", "max_steps=2",
+            "minibatch=4", "final_eval=false", "eval_every=0", "threads=1", "session_rng=true", "lr=1e-3",
+            "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1"]
+    if algo == "shapes-grpo":
+        over += ["window=0", "kl_beta=0.01"]
+    _run([sys.executable, "-m", "editrl.cli", "train", "--config", algo, "--out", str(tmp_path / "one"), *over],
+         timeout=240)
+    two = tmp_path / "two"
+    res = _run([*_launch_two(), "-m", "editrl.cli", "train", "--config", algo, "--out", str(two), "max_steps=1",
+                *over[:5], *over[6:]], timeout=240, fsdp=True)
+    n_blocks = sum(isinstance(m, ResBlock) for m in ed.net.modules())
+    assert f"FSDP: {n_blocks} modules sharded over 2 processes" in res.stdout + res.stderr
+    # resume the sharded run from its (gathered) checkpoint for the second step
+    _run([*_launch_two(), "-m", "editrl.cli", "train", "--config", algo, "--out", str(two), *over], timeout=240, fsdp=True)
+
+    _assert_same_rows(_train_rows(tmp_path / "one"), _train_rows(two))
+    wa = load_tiny(f"tiny:{tmp_path / 'one' / 'final'}").state_dict()
+    wb = load_tiny(f"tiny:{two / 'final'}").state_dict()
+    moved = max(float((wa[k] - ed.state_dict()[k]).abs().max()) for k in wa)
+    assert moved > 1e-4                                                   # it trained
+    assert all(torch.allclose(wa[k], wb[k], atol=0.1 * moved) for k in wa)  # see the DDP test above
+    # the checkpoint holds full (gathered) tensors of the model and the optimizer
+    tensors, _ = load_state(two / "state.safetensors")
+    for k, v in ed.state_dict().items():
+        assert tensors[f"model/{k}"].shape == v.shape, k
+
+
+@pytest.mark.parametrize("preset,kind", [("kontext-nft", "flux-kontext"), ("qwen-edit-grpo", "qwen-edit")])
+def test_fsdp_lora_on_diffusers_editors_matches_one_process(tmp_path, preset, kind):
+    """A diffusers editor with LoRA under FSDP (its transformer blocks and the transformer
+    sharded; the old policy and the reference are the second adapter / the disabled adapter of
+    that same sharded transformer): 2 processes give the 1-process metrics and LoRA weights."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    from safetensors.torch import load_file
+    from tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_edit
+
+    model = (save_tiny_flux_kontext if kind == "flux-kontext" else save_tiny_qwen_edit)(tmp_path / "pipe")
+    over = [f"model.path={model}", "sessions_per_step=3", "group=2", "turns=2", "rollout_steps=2", "minibatch=4",
+            "threads=1", "model.dtype=float32", "model.lora_rank=4", "model.max_sequence_length=16",
+            "model.gradient_checkpointing=false", "adv.group_filter=false", "adv.trajectory_filter=false",
+            "session_rng=true", "final_eval=false", "eval_every=0", "max_steps=2"]
+    _run([sys.executable, "-m", "editrl.cli", "train", "--config", preset, "--out", str(tmp_path / "one"), *over],
+         timeout=240)
+    res = _run([*_launch_two(), "-m", "editrl.cli", "train", "--config", preset, "--out", str(tmp_path / "two"), *over],
+               timeout=240, fsdp=True)
+    assert "modules sharded over 2 processes" in res.stdout + res.stderr
+    _assert_same_rows(_train_rows(tmp_path / "one"), _train_rows(tmp_path / "two"))
+    a = load_file(tmp_path / "one" / "final" / "lora.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-5       # it trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k        # measured: 1.5e-8

@@ -89,6 +89,13 @@ class FlowEditor:
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         raise NotImplementedError
 
+    def fsdp_modules(self) -> list[torch.nn.Module]:
+        """The modules FSDP shards (inner blocks first, their root last). Only modules whose
+        parameters are used inside their own `forward` may be listed: FSDP gathers the
+        parameters in a forward hook. The rest of the model stays replicated on every rank."""
+        from ..session import EditrlInputError
+        raise EditrlInputError(f"the {self.name} editor does not support FSDP; launch with recipes/accelerate/ddp.yaml")
+
     # -- shared -------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

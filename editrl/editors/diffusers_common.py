@@ -340,6 +340,14 @@ class DiffusersEditor(FlowEditor):
         params = dict(self.transformer.named_parameters())
         return [params[n] for n in lora_state_names(self.transformer, adapter)]
 
+    def fsdp_modules(self) -> list[torch.nn.Module]:
+        """Every transformer block (any ModuleList of blocks on the transformer: Flux's double and
+        single stream blocks, Qwen-Image's blocks), then the transformer itself; the text
+        encoders and the VAE stay replicated (frozen, used outside the transformer)."""
+        blocks = [m for _, lst in self.transformer.named_children() if isinstance(lst, torch.nn.ModuleList)
+                  for m in lst]
+        return [*blocks, self.transformer]
+
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         """The LoRA parameters of the trained adapter only (empty without an adapter)."""
         return self.lora_parameters(ADAPTER) if self.has_lora else []
@@ -421,9 +429,11 @@ class DiffusersEditor(FlowEditor):
         return AdapterView(self, None)
 
     # -- persistence --------------------------------------------------------------------
-    def save(self, path: str | Path, extra_meta: dict[str, str] | None = None) -> None:
+    def save(self, path: str | Path, extra_meta: dict[str, str] | None = None,
+             state: dict[str, Tensor] | None = None) -> None:
         """The trained LoRA as safetensors; the metadata names the base pipeline folder and the
-        model options, so `<name>:PATH` loads base + LoRA back."""
+        model options, so `<name>:PATH` loads base + LoRA back.
+        `state`: weights to write instead of `state_dict()` (e.g. gathered from FSDP shards)."""
         from safetensors.torch import save_file
 
         if not self.has_lora:
@@ -431,7 +441,7 @@ class DiffusersEditor(FlowEditor):
         meta = {"editrl": "lora", "editor": self.name, "base_model": str(Path(self.base_path).resolve()),
                 "model": self.opts.to_meta(), **(extra_meta or {})}
         with atomic_path(path) as tmp:
-            save_file(self.state_dict(), tmp, metadata=meta)
+            save_file(self.state_dict() if state is None else state, tmp, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, mode: str = "explicit", opts: ModelConfig | None = None) -> "DiffusersEditor":

@@ -354,6 +354,12 @@ class TinyEditor(FlowEditor):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return self.net.parameters()
 
+    def fsdp_modules(self) -> list[nn.Module]:
+        """The residual blocks (most of the weights). The text encoder, attention, stem and head
+        stay replicated: their weights are also used outside a module forward (the per-edit
+        text key/value cache), where FSDP would not have gathered them."""
+        return [m for m in self.net.modules() if isinstance(m, ResBlock)]
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
@@ -380,14 +386,16 @@ class TinyEditor(FlowEditor):
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
 
-    def save(self, path: str | Path, extra_meta: dict[str, str] | None = None) -> None:
+    def save(self, path: str | Path, extra_meta: dict[str, str] | None = None,
+             state: dict[str, Tensor] | None = None) -> None:
+        """`state`: weights to write instead of `state_dict()` (e.g. gathered from FSDP shards)."""
         from safetensors.torch import save_file
 
         from ..session import atomic_path
 
         meta = {"editrl": "tiny", "config": self.cfg.to_json(), **(extra_meta or {})}
         with atomic_path(path) as tmp:
-            save_file(self.state_dict(), tmp, metadata=meta)
+            save_file(self.state_dict() if state is None else state, tmp, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, mode: str = "explicit") -> "TinyEditor":

@@ -21,6 +21,17 @@ The contract that makes W processes reproduce 1 process on the same global batch
   `sync_gradients_`), the gradient is the mean over the N = Σ n_local global samples, i.e.
   exactly the 1-process gradient. `global_mean` does the same for logged values.
 * **Rank 0 logs and checkpoints** (`is_main`); `all_reduce_mean` averages scalar stats.
+
+FSDP (a launch with ACCELERATE_USE_FSDP, e.g. `recipes/accelerate/fsdp.yaml`): the editor's
+`fsdp_modules()` (transformer blocks, then the root) are sharded with torch FSDP2
+`fully_shard` over all ranks: each rank keeps 1/W of those parameters, their gradients and
+optimizer states, and gathers one block at a time for each forward and backward. Every
+gather is a collective, so every rank must make the same sequence of forward/backward calls
+of the sharded modules: rollouts are padded to the largest per-rank session count
+(`pad_count`), loss micro-batches to the largest per-rank count (dummy ones carry weight 0),
+and each rank's loss is weighted by `grad_scale` *before* backward (FSDP averages gradients
+while reducing them). Evaluation and saving gather full weights (`fsdp_gathered`,
+`full_state`).
 """
 
 from __future__ import annotations
@@ -67,11 +78,10 @@ def init_from_env(backend: str | None = None) -> bool:
         return True
     if not launched():
         return False
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
-            from ..session import EditrlInputError
-            raise EditrlInputError(f"this launch asks for {what}, which editrl train does not wire yet (every process "
-                                   f"would hold a whole copy of the model); launch with recipes/accelerate/ddp.yaml")
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        from ..session import EditrlInputError
+        raise EditrlInputError("this launch asks for DeepSpeed, which editrl train does not wire (every process would "
+                               "hold a whole copy of the model); launch with recipes/accelerate/ddp.yaml or fsdp.yaml")
     if backend is None:
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         backend = "nccl" if torch.cuda.is_available() and not cpu else "gloo"
@@ -79,6 +89,15 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
+
+
+def _env_flag(var: str) -> bool:
+    return os.environ.get(var, "").lower() in ("1", "true", "yes")
+
+
+def fsdp_requested() -> bool:
+    """A multi-process launch that asks for FSDP (accelerate's ACCELERATE_USE_FSDP)."""
+    return launched() and _env_flag("ACCELERATE_USE_FSDP")
 
 
 def barrier() -> None:
@@ -299,6 +318,8 @@ def sync_gradients_(params: Sequence[torch.nn.Parameter], mean: bool = True) -> 
     if not initialized():
         return
     params = [p for p in params if p.requires_grad]
+    if not params:
+        return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -322,3 +343,132 @@ def broadcast_params_(params: Sequence[torch.nn.Parameter], src: int = 0) -> Non
             t = p.data.to(_comm_device())
             dist.broadcast(t, src)
             p.data.copy_(t)
+
+
+# ----------------------------------------------------------------------------------- FSDP
+
+def _fsdp_modules(root: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
+def fsdp_shard(modules: Sequence[torch.nn.Module]) -> int:
+    """Shard `modules` (inner blocks first, the root last) with FSDP2 `fully_shard` over every
+    rank; returns how many were sharded. Parameters become DTensors: build the optimizer after."""
+    if not initialized():
+        return 0
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(_comm_device().type, (world_size(),))
+    for m in modules:
+        for p in m.parameters():
+            if not p.is_contiguous():          # e.g. channels-last convolution weights: FSDP needs contiguous
+                p.data = p.data.contiguous()
+        fully_shard(m, mesh=mesh)
+    return len(modules)
+
+
+def is_sharded(root: torch.nn.Module) -> bool:
+    return initialized() and bool(_fsdp_modules(root))
+
+
+def is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def has_sharded(params) -> bool:
+    return any(is_dtensor(p) for p in params)
+
+
+def fsdp_modules_of(editor) -> list:
+    """The editor's FSDP-sharded modules (empty when nothing was sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in editor.fsdp_modules() if isinstance(m, FSDPModule)] if initialized() else []
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_` over a mix of sharded (DTensor) and replicated gradients:
+    the total 2-norm counts each sharded gradient's shards once (summed over ranks) and each
+    replicated gradient once; every gradient is scaled by min(1, max_norm / (norm + 1e-6))."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(is_dtensor(g) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    sq_sh = sum((local_tensor(g).double().pow(2).sum() for g in grads if is_dtensor(g)), torch.zeros((), dtype=torch.float64))
+    sq_rep = sum((g.double().pow(2).sum() for g in grads if not is_dtensor(g)), torch.zeros((), dtype=torch.float64))
+    total = float((all_reduce_sum(sq_sh.reshape(1))[0] + sq_rep).sqrt())
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            local_tensor(g).mul_(coef)
+    return total
+
+
+class fsdp_gathered:
+    """Inside: every sharded module of `roots` holds its full parameters and forwards without
+    collectives, so one rank may run alone (evaluation) or ranks may run different numbers of
+    forwards. Every rank must enter and leave together. A no-op without FSDP."""
+
+    def __init__(self, *roots: torch.nn.Module) -> None:
+        mods: list = []
+        for r in roots:
+            for m in (_fsdp_modules(r) if initialized() and r is not None else []):
+                if all(m is not x for x in mods):
+                    mods.append(m)
+        self.mods = mods
+
+    def __enter__(self) -> "fsdp_gathered":
+        for m in self.mods:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), else `t`."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor, else `t` (no communication)."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with every DTensor gathered to a full CPU tensor (every rank must call it, in
+    the same key order, which dicts built the same way have)."""
+    return {k: full_tensor(v).detach().cpu() if torch.is_tensor(v) else v for k, v in sd.items()}
+
+
+def shard_optimizer_state_(opt: torch.optim.Optimizer) -> None:
+    """After loading a full (gathered) optimizer state: turn each state tensor shaped like its
+    DTensor parameter into a DTensor sharded the same way (each rank keeps its own shard of its
+    own copy; no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor) or p not in opt.state:
+                continue
+            st = opt.state[p]
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and tuple(v.shape) == tuple(p.shape):
+                    st[k] = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def pad_count(n_local: int) -> int:
+    """The largest per-rank count: how many calls every rank makes when ranks must match."""
+    if not initialized():
+        return n_local
+    t = torch.tensor([n_local], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

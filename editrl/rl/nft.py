@@ -148,10 +148,14 @@ def ema_update_(old_params: Iterable[Tensor], new_params: Iterable[Tensor], deca
     old_list, new_list = list(old_params), list(new_params)
     if len(old_list) != len(new_list):
         raise ValueError(f"{len(old_list)} old parameters but {len(new_list)} new ones")
+    from .distributed import full_tensor, is_dtensor
     for o, n in zip(old_list, new_list):
         if o.shape != n.shape:
             raise ValueError(f"parameter shapes differ: {tuple(o.shape)} vs {tuple(n.shape)}")
-        o.lerp_(n.to(o.dtype), 1.0 - decay)
+        if is_dtensor(n) and not is_dtensor(o):     # FSDP-sharded policy, replicated old copy: gather
+            n = full_tensor(n)
+        with torch.no_grad():
+            o.lerp_(n.to(o.dtype), 1.0 - decay)
 
 
 def old_policy_decay(step: int, max_decay: float, ramp: float, flat: int = 0) -> float:

@@ -180,15 +180,42 @@ def _chunks(idx: torch.Tensor, n: int):
         yield idx[i: i + n]
 
 
+def _work_items(rows: list[tuple[int, Any]], minibatch: int) -> list[tuple[int, list]]:
+    """(k, payload) rows -> micro-batches (turn k, [payloads]): `minibatch` rows per chunk, split by turn."""
+    items: list[tuple[int, list]] = []
+    for start in range(0, len(rows), minibatch):
+        by_turn: dict[int, list] = {}
+        for k, x in rows[start: start + minibatch]:
+            by_turn.setdefault(k, []).append(x)
+        items += list(by_turn.items())
+    return items
+
+
+def _padded(items: list[tuple[int, list]], filler: tuple[int, list], lockstep: bool) -> list[tuple[int, list, float]]:
+    """(k, payload, weight) micro-batches. In lockstep (FSDP) every rank runs as many as the rank
+    with the most, the extra ones a copy of `filler` with weight 0: each forward and backward of
+    a sharded module is a collective that every rank must join."""
+    out = [(k, xs, 1.0) for k, xs in items]
+    if lockstep:
+        out += [(filler[0], filler[1], 0.0)] * (D.pad_count(len(items)) - len(items))
+    return out
+
+
 def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor, mask: torch.Tensor,
-               gen: torch.Generator, draws_fn: Callable | None = None) -> dict[str, float]:
-    """Accumulate the DiffusionNFT gradient over every trained (b, g, k) sample."""
+               gen: torch.Generator, draws_fn: Callable | None = None, scale_fn: Callable[[int], float] | None = None,
+               lockstep: bool = False) -> dict[str, float]:
+    """Accumulate the DiffusionNFT gradient over every trained (b, g, k) sample.
+
+    `scale_fn(n)` (multi-process FSDP) multiplies the loss before backward; `lockstep` pads the
+    micro-batches to the largest per-rank count (see `_padded`)."""
     B, G, K = A.shape
     r_all = optimality_weight(A, cfg.adv.adv_clip or 5.0)                             # [B, G, K]
     rows = [(k, i) for k in range(K) for i in range(B * G) if bool(mask.view(B * G, K)[i, k])]
     n = len(rows)
     stats: dict[str, float] = {"nft/samples": float(n)}
-    if n == 0:
+    scale = scale_fn(n) if scale_fn is not None else 1.0
+    work = _padded(_work_items(rows, cfg.minibatch), (0, [0]), lockstep)
+    if not work:
         return stats
     # Re-noising draws: one (σ, ε) per (session, turn) shared by the G trajectories of the group
     # (common random numbers), or one per sample. Shared draws cancel the part of the
@@ -202,40 +229,38 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
         sig_tab = cfg.nft_sigma_min + (1 - cfg.nft_sigma_min) * torch.rand(n_draw, K, generator=gen)   # [B or BG, K]
         eps_tab = torch.randn((n_draw, K, *shape), generator=gen)                                      # [B or BG, K, C, H, W]
     sums: dict[str, float] = {}
-    for chunk_start in range(0, n, cfg.minibatch):
-        chunk = rows[chunk_start: chunk_start + cfg.minibatch]
-        by_turn: dict[int, list[int]] = {}
-        for k, i in chunk:
-            by_turn.setdefault(k, []).append(i)
-        for k, ids in by_turn.items():
-            tb = ro.turns[k]
-            sel = torch.tensor(ids)
-            x0 = policy.encode_image(tb.outputs[sel])                                  # [n, C, H, W] (latent editors: VAE latents)
-            src = tb.inputs[sel]
-            texts = [tb.texts[i] for i in ids]
-            ctxs = [tb.contexts[i] for i in ids]
-            r = r_all.view(B * G, K)[sel, k]                                           # [n]
-            draw = sel // G if cfg.nft_shared_noise else sel
-            sigma = sig_tab[draw, k]                                                   # [n]
-            eps = eps_tab[draw, k]                                                     # [n, C, H, W]
-            s = sigma.view(-1, 1, 1, 1)
-            x_sigma = (1 - s) * x0 + s * eps
-            with torch.no_grad():
-                v_old = old.velocity(x_sigma, sigma, old.encode(src, texts, ctxs))
-                v_ref = (ref.velocity(x_sigma, sigma, ref.encode(src, texts, ctxs))
-                         if ref is not None and cfg.nft_ref_weight > 0 else None)
-            v_theta = policy.velocity(x_sigma, sigma, policy.encode(src, texts, ctxs))
-            loss, st = nft_loss(v_theta, v_old, x_sigma, sigma, x0, eps, r, cfg.nft_beta, cfg.nft_adaptive,
-                                v_ref=v_ref, ref_weight=cfg.nft_ref_weight)
-            (loss * len(ids) / n).backward()
+    for k, ids, weight in work:
+        tb = ro.turns[k]
+        sel = torch.tensor(ids)
+        x0 = policy.encode_image(tb.outputs[sel])                                  # [n, C, H, W] (latent editors: VAE latents)
+        src = tb.inputs[sel]
+        texts = [tb.texts[i] for i in ids]
+        ctxs = [tb.contexts[i] for i in ids]
+        r = r_all.view(B * G, K)[sel, k]                                           # [n]
+        draw = sel // G if cfg.nft_shared_noise else sel
+        sigma = sig_tab[draw, k]                                                   # [n]
+        eps = eps_tab[draw, k]                                                     # [n, C, H, W]
+        s = sigma.view(-1, 1, 1, 1)
+        x_sigma = (1 - s) * x0 + s * eps
+        with torch.no_grad():
+            v_old = old.velocity(x_sigma, sigma, old.encode(src, texts, ctxs))
+            v_ref = (ref.velocity(x_sigma, sigma, ref.encode(src, texts, ctxs))
+                     if ref is not None and cfg.nft_ref_weight > 0 else None)
+        v_theta = policy.velocity(x_sigma, sigma, policy.encode(src, texts, ctxs))
+        loss, st = nft_loss(v_theta, v_old, x_sigma, sigma, x0, eps, r, cfg.nft_beta, cfg.nft_adaptive,
+                            v_ref=v_ref, ref_weight=cfg.nft_ref_weight)
+        (loss * (weight * scale * len(ids) / max(n, 1))).backward()
+        if weight:
             for key, val in st.items():
                 sums[key] = sums.get(key, 0.0) + float(val) * len(ids)
     stats.update({f"nft/{k}": v / n for k, v in sums.items() if k != "n_active"})
     return stats
 
 
-def grpo_update(cfg: TrainConfig, policy, ref, ro: Rollout, A: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Accumulate the Flow-GRPO gradient over every stored in-window transition of every trained turn."""
+def grpo_update(cfg: TrainConfig, policy, ref, ro: Rollout, A: torch.Tensor, mask: torch.Tensor,
+                scale_fn: Callable[[int], float] | None = None, lockstep: bool = False) -> dict[str, float]:
+    """Accumulate the Flow-GRPO gradient over every stored in-window transition of every trained
+    turn (`scale_fn`, `lockstep`: as in `nft_update`)."""
     B, G, K = A.shape
     items = []  # (k, row, step index s)
     for k in range(K):
@@ -250,44 +275,42 @@ def grpo_update(cfg: TrainConfig, policy, ref, ro: Rollout, A: torch.Tensor, mas
                     items.append((k, i, s))
     n = len(items)
     stats: dict[str, float] = {"grpo/transitions": float(n)}
-    if n == 0:
+    scale = scale_fn(n) if scale_fn is not None else 1.0
+    first_k = next((k for k in range(K) if ro.turns[k].transitions is not None), 0)
+    work = _padded(_work_items([(k, (i, s)) for k, i, s in items], cfg.minibatch), (first_k, [(0, 0)]), lockstep)
+    if not work:
         return stats
     sums: dict[str, float] = {}
-    for start in range(0, n, cfg.minibatch):
-        chunk = items[start: start + cfg.minibatch]
-        by_turn: dict[int, list[tuple[int, int]]] = {}
-        for k, i, s in chunk:
-            by_turn.setdefault(k, []).append((i, s))
-        for k, pairs in by_turn.items():
-            tb, tr = ro.turns[k], ro.turns[k].transitions
-            ri = torch.tensor([p[0] for p in pairs])
-            si = torch.tensor([p[1] for p in pairs])
-            x, x_next = tr.x[ri, si], tr.x_next[ri, si]                               # [n, C, H, W]
-            sigma, sigma_next = tr.sigma[ri, si], tr.sigma_next[ri, si]               # [n]
-            texts = [tb.texts[i] for i in ri.tolist()]
-            ctxs = [tb.contexts[i] for i in ri.tolist()]
-            src = tb.inputs[ri]
-            cond = policy.encode(src, texts, ctxs)
-            sig1 = policy.sigmas(cfg.rollout_steps, cond)[1]
-            v = policy.velocity(x, sigma, cond)
-            st = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level=cfg.noise_level, prev_sample=x_next,
-                                       sigma_max_fallback=sig1)
-            adv = A.view(B * G, K)[ri, k]                                              # [n]
-            kl = None
-            if ref is not None and cfg.kl_beta > 0:
-                with torch.no_grad():
-                    v_ref = ref.velocity(x, sigma, ref.encode(src, texts, ctxs))
-                    ref_mean = sde_step_with_logprob(x, v_ref, sigma, sigma_next, noise_level=cfg.noise_level,
-                                                     prev_sample=x_next, sigma_max_fallback=sig1).mean
-                kl = transition_kl(st.mean, ref_mean, st.std)
-            loss, stt = grpo_loss(st.log_prob, tr.log_prob[ri, si], adv, cfg.clip_range, cfg.adv.adv_clip or 5.0,
-                                  kl=kl, beta=cfg.kl_beta)
-            (loss * len(pairs) / n).backward()
-            for key, val in stt.items():
-                if key in ("ratio_max",):
-                    sums[key] = max(sums.get(key, 0.0), float(val))
-                else:
-                    sums[key] = sums.get(key, 0.0) + float(val) * len(pairs)
+    for k, pairs, weight in work:
+        tb, tr = ro.turns[k], ro.turns[k].transitions
+        ri = torch.tensor([p[0] for p in pairs])
+        si = torch.tensor([p[1] for p in pairs])
+        x, x_next = tr.x[ri, si], tr.x_next[ri, si]                               # [n, C, H, W]
+        sigma, sigma_next = tr.sigma[ri, si], tr.sigma_next[ri, si]               # [n]
+        texts = [tb.texts[i] for i in ri.tolist()]
+        ctxs = [tb.contexts[i] for i in ri.tolist()]
+        src = tb.inputs[ri]
+        cond = policy.encode(src, texts, ctxs)
+        sig1 = policy.sigmas(cfg.rollout_steps, cond)[1]
+        v = policy.velocity(x, sigma, cond)
+        st = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level=cfg.noise_level, prev_sample=x_next,
+                                   sigma_max_fallback=sig1)
+        adv = A.view(B * G, K)[ri, k]                                              # [n]
+        kl = None
+        if ref is not None and cfg.kl_beta > 0:
+            with torch.no_grad():
+                v_ref = ref.velocity(x, sigma, ref.encode(src, texts, ctxs))
+                ref_mean = sde_step_with_logprob(x, v_ref, sigma, sigma_next, noise_level=cfg.noise_level,
+                                                 prev_sample=x_next, sigma_max_fallback=sig1).mean
+            kl = transition_kl(st.mean, ref_mean, st.std)
+        loss, stt = grpo_loss(st.log_prob, tr.log_prob[ri, si], adv, cfg.clip_range, cfg.adv.adv_clip or 5.0,
+                              kl=kl, beta=cfg.kl_beta)
+        (loss * (weight * scale * len(pairs) / max(n, 1))).backward()
+        for key, val in (stt.items() if weight else ()):
+            if key in ("ratio_max",):
+                sums[key] = max(sums.get(key, 0.0), float(val))
+            else:
+                sums[key] = sums.get(key, 0.0) + float(val) * len(pairs)
     stats.update({f"grpo/{k}": (v if k == "ratio_max" else v / n) for k, v in sums.items() if k != "n_active"})
     return stats
 
@@ -326,7 +349,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     needs_ref = cfg.kl_beta > 0 or cfg.nft_ref_weight > 0
     ref = policy.reference_policy() if needs_ref else None
     params = [p for p in policy.trainable_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sessions_src = session_source(cfg)
     judge = load_reward_judge(cfg.reward)
     if getattr(judge, "judge_id", "") == "program" and sessions_src.suite is not None:
@@ -338,6 +360,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         raise EditrlInputError("intent.spec writes explicit instructions: use form=explicit with it")
     step, elapsed = 0, 0.0
     state_path, metrics_path = out / "state.safetensors", out / "metrics.jsonl"
+    resumed = None
     if state_path.exists():
         tensors, meta = load_state(state_path)
         if _resumable(meta.get("config")) != _resumable(to_dict(cfg)):
@@ -345,7 +368,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         policy.load_state_dict(unprefixed(tensors, "model"))
         if old is not None:
             old.load_state_dict(unprefixed(tensors, "old"))
-        unflatten_optimizer(opt, tensors, meta["optimizer"])
+        resumed = (tensors, meta)
         if intent is not None and intent.cfg.train:
             intent.policy.load_state_dict(unprefixed(tensors, "intent"))
             unflatten_optimizer(intent.opt, unprefixed(tensors, "intent_opt"), meta["intent_optimizer"])
@@ -355,12 +378,31 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     if main:
         atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     D.broadcast_params_(params)
+    # FSDP: shard the editor's blocks over the ranks (after every rank holds the same weights);
+    # the optimizer is built on the sharded parameters, and its resumed state sharded alike
+    fsdp = D.fsdp_requested()
+    if fsdp:
+        n_sharded = D.fsdp_shard(policy.fsdp_modules())
+        params = [p for p in policy.trainable_parameters() if p.requires_grad]
+        if main:
+            log(f"FSDP: {n_sharded} modules sharded over {W} processes")
+    sharded = D.fsdp_modules_of(policy) if fsdp else []
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    if resumed is not None:
+        unflatten_optimizer(opt, resumed[0], resumed[1]["optimizer"])
+        if fsdp:
+            D.shard_optimizer_state_(opt)
+        resumed = None
 
     def save() -> None:
+        """Every rank calls it under FSDP (sharded weights and optimizer states are gathered);
+        rank 0 writes."""
         opt_t, opt_meta = flatten_optimizer(opt)
-        tensors = {**prefixed(policy.state_dict(), "model"), **opt_t}
+        tensors = {**D.full_state(prefixed(policy.state_dict(), "model")), **D.full_state(opt_t)}
         if old is not None:
-            tensors.update(prefixed(old.state_dict(), "old"))
+            tensors.update(D.full_state(prefixed(old.state_dict(), "old")))
+        if not main:
+            return
         meta = {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta}
         if intent is not None and intent.cfg.train:
             iopt_t, meta["intent_optimizer"] = flatten_optimizer(intent.opt)
@@ -400,6 +442,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             ro = D.rollout_sessions(actor, sessions, sources, cfg.group, cfg.turns, range(a, b),
                                     lambda gi: D.session_generator(cfg.seed, step, 0, gi), on_turn=rewards.turn_done,
                                     **sample_kw)
+            if fsdp and D.has_sharded(actor.trainable_parameters()):
+                # the sharded actor's forwards are collectives: a rank with fewer sessions rolls out
+                # (and discards) copies of its first one until it has made as many calls as the others
+                for _ in range(-(-len(all_sessions) // W) - len(sessions)):     # the largest shard's size
+                    grouped_rollout(actor, sessions[:1], sources[:1], cfg.group, cfg.turns,
+                                    generator=torch.Generator().manual_seed(0), **sample_kw)
         else:
             ro = grouped_rollout(actor, sessions, sources, cfg.group, cfg.turns, generator=step_generator(cfg, step, 0),
                                  batch_text_fn=batch_text_fn, on_turn=rewards.turn_done, **sample_kw)
@@ -423,20 +471,25 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         for epoch in range(cfg.epochs if "skipped" not in row else 0):
             opt.zero_grad(set_to_none=True)
             ta = time.time()
+            lock = dict(scale_fn=D.grad_scale, lockstep=True) if fsdp else {}
             if grpo:
-                st = grpo_update(cfg, policy, ref, ro, A_loc, M_loc)
+                st = grpo_update(cfg, policy, ref, ro, A_loc, M_loc, **lock)
             else:
                 draws_fn = None
                 if per_session:
                     def draws_fn(shape, e=epoch):
                         return D.nft_draws(lambda gi: D.session_generator(cfg.seed, step, 1 + e, gi), range(a, b),
                                            cfg.group, cfg.turns, shape, cfg.nft_sigma_min, cfg.nft_shared_noise)
-                st = nft_update(cfg, policy, old, ref, ro, A_loc, M_loc, step_generator(cfg, step, 1 + epoch), draws_fn)
+                st = nft_update(cfg, policy, old, ref, ro, A_loc, M_loc, step_generator(cfg, step, 1 + epoch), draws_fn,
+                                **lock)
             if W > 1:   # each rank's loss is a mean over its samples: weight by its share, then all-reduce
                 n_loc = st.get("grpo/transitions", st.get("nft/samples", 0.0))
                 n_all = D.global_count(n_loc)
-                D.scale_grads_(params, D.grad_scale(n_loc, n_all))
-                D.sync_gradients_(params)
+                if fsdp:   # already weighted before backward; FSDP reduced the sharded ones
+                    D.sync_gradients_([p for p in params if not D.is_dtensor(p)])
+                else:
+                    D.scale_grads_(params, D.grad_scale(n_loc, n_all))
+                    D.sync_gradients_(params)
                 st = {k: (n_all if k in ("nft/samples", "grpo/transitions") else
                           v if k.endswith("ratio_max") else D.global_mean(v, n_loc)) for k, v in st.items()}
             if epoch == 0:
@@ -445,14 +498,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                 row.update({f"{k}@last_epoch": v for k, v in st.items() if k.endswith(("loss", "ratio_mean", "clip_frac"))})
             tb = time.time()
             t_loss += tb - ta
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [D.local_tensor(p.grad) for p in params if p.grad is not None]
             bad = not all(torch.isfinite(g).all() for g in grads)
             if D.global_count(len(grads)) == 0:                  # decided alike on every rank
                 row["skipped"] = "no trained sample (all masked)"
             elif D.global_count(int(bad)) > 0:
                 row["skipped"] = "non-finite gradient"
             else:
-                gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                gn = D.clip_grad_norm_(params, cfg.grad_clip)
                 row.setdefault("grad_norm", gn)
                 opt.step()
             t_opt += time.time() - tb
@@ -478,10 +531,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         row.update({"time/rollout_s": round(t1 - t0, 3), "time/reward_s": round(t2 - t1, 3),
                     "time/update_s": round(t3 - t2, 3), "elapsed_min": round(elapsed / 60, 3)})
         # 6. evaluate, log, checkpoint
-        if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log, intent)
-            evals[step] = res
-            row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            with D.fsdp_gathered(*sharded):            # rank 0 evaluates on the full weights
+                if main:
+                    res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log, intent)
+                    evals[step] = res
+                    row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
+                D.barrier()
         if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             append_metrics(metrics_path, row)
             if tracker.active:
@@ -495,27 +551,29 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         last = row
         if progress:
             progress(step, cfg.max_steps, row)
-        if step % cfg.ckpt_every == 0 and main:
+        if step % cfg.ckpt_every == 0 and (main or fsdp):
             save()
         D.barrier()
-    if main:
+    if main or fsdp:
         save()
     rewards.close()
     tracker.close()
     final = out / "final"
-    if not main:                       # rank 0 writes the final weights and evaluates
+    summary: dict[str, Any] = {"out": str(out), "steps": step, "rank": R}
+    weights = D.full_state(policy.state_dict()) if fsdp else None      # every rank gathers its shards
+    with D.fsdp_gathered(*sharded):    # rank 0 writes the final (full) weights and evaluates
+        if main:
+            final.mkdir(exist_ok=True)
+            policy.save(final / policy.checkpoint_file, extra_meta={
+                "rl_steps": str(step), "rl_algorithm": cfg.algorithm, "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec},
+                state=weights)
+            if intent is not None and intent.cfg.train:
+                from ..intent.tiny import save_policy
+                save_policy(intent.policy, final / "intent.safetensors", {"rl_steps": str(step), "rl_init": cfg.intent.spec})
+            summary = {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2), "final": str(final), "last": last}
+            if cfg.final_eval and (stop_at is None or step >= cfg.max_steps):
+                summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log, intent)
         D.barrier()
-        return {"out": str(out), "steps": step, "rank": R}
-    final.mkdir(exist_ok=True)
-    policy.save(final / policy.checkpoint_file, extra_meta={"rl_steps": str(step), "rl_algorithm": cfg.algorithm,
-                                                            "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec})
-    if intent is not None and intent.cfg.train:
-        from ..intent.tiny import save_policy
-        save_policy(intent.policy, final / "intent.safetensors", {"rl_steps": str(step), "rl_init": cfg.intent.spec})
-    summary: dict[str, Any] = {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2),
-                               "final": str(final), "last": last}
-    if cfg.final_eval and (stop_at is None or step >= cfg.max_steps):
-        summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log, intent)
     D.barrier()
     return summary
 
