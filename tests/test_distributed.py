@@ -206,9 +206,18 @@ def _assert_same_rows(one: list[dict], two: list[dict], skip: tuple[str, ...] = 
                 assert b[k] == v, k
 
 
+def _launch_fsdp_yaml() -> list[str]:
+    """The shipped recipes/accelerate/fsdp.yaml, on 2 CPU processes (ACCELERATE_USE_CPU gives gloo)."""
+    launch = _accelerate_cmd()
+    if launch[-1] != "accelerate.commands.launch":
+        launch = launch + ["launch"]
+    return [*launch, "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+            "--main_process_port", str(_free_port())]
+
+
 @pytest.mark.parametrize("algo", ["shapes-nft", "shapes-grpo"])
 def test_fsdp_two_processes_match_one(tmp_path, algo):
-    """`editrl train` under an FSDP launch (ACCELERATE_USE_FSDP, 2 gloo processes): the residual
+    """`editrl train` launched with recipes/accelerate/fsdp.yaml (2 gloo processes): the residual
     blocks are sharded with FSDP2 (each rank holds half), 5 sessions split 3 / 2 make the ranks
     run different numbers of rollouts and micro-batches (padded in lockstep), and the run still
     gives the 1-process metrics, final weights and a resumable checkpoint."""
@@ -225,8 +234,8 @@ def test_fsdp_two_processes_match_one(tmp_path, algo):
     _run([sys.executable, "-m", "editrl.cli", "train", "--config", algo, "--out", str(tmp_path / "one"), *over],
          timeout=240)
     two = tmp_path / "two"
-    res = _run([*_launch_two(), "-m", "editrl.cli", "train", "--config", algo, "--out", str(two), "max_steps=1",
-                *over[:5], *over[6:]], timeout=240, fsdp=True)
+    res = _run([*_launch_fsdp_yaml(), "-m", "editrl.cli", "train", "--config", algo, "--out", str(two), "max_steps=1",
+                *over[:5], *over[6:]], timeout=240)
     n_blocks = sum(isinstance(m, ResBlock) for m in ed.net.modules())
     assert f"FSDP: {n_blocks} modules sharded over 2 processes" in res.stdout + res.stderr
     # resume the sharded run from its (gathered) checkpoint for the second step

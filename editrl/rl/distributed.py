@@ -361,12 +361,18 @@ def fsdp_shard(modules: Sequence[torch.nn.Module]) -> int:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(_comm_device().type, (world_size(),))
+    reshard = reshard_after_forward()
     for m in modules:
         for p in m.parameters():
             if not p.is_contiguous():          # e.g. channels-last convolution weights: FSDP needs contiguous
                 p.data = p.data.contiguous()
-        fully_shard(m, mesh=mesh)
+        fully_shard(m, mesh=mesh, reshard_after_forward=reshard)
     return len(modules)
+
+
+def reshard_after_forward() -> bool:
+    """accelerate's fsdp_reshard_after_forward (FSDP_RESHARD_AFTER_FORWARD, default true)."""
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("0", "false", "no")
 
 
 def is_sharded(root: torch.nn.Module) -> bool:
@@ -428,7 +434,7 @@ class fsdp_gathered:
     def __exit__(self, *exc) -> None:
         for m in self.mods:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(reshard_after_forward(), recurse=False)
 
 
 def full_tensor(t: Tensor) -> Tensor:
