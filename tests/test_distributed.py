@@ -227,8 +227,8 @@ def test_fsdp_two_processes_match_one(tmp_path, algo):
     pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
     ed, ckpt = _small_ckpt(tmp_path)
     over = [f"init=tiny:{ckpt}", "sessions_per_step=5", "group=2", "turns=2", "rollout_steps=2", "max_steps=2",
-            "minibatch=4", "final_eval=false", "eval_every=0", "threads=1", "session_rng=true", "lr=1e-3",
-            "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1"]
+            "minibatch=4", "final_eval=true", "eval_sessions=2", "eval_steps=2", "eval_every=0", "threads=1",
+            "session_rng=true", "lr=1e-3", "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1"]
     if algo == "shapes-grpo":
         over += ["window=0", "kl_beta=0.01"]
     _run([sys.executable, "-m", "editrl.cli", "train", "--config", algo, "--out", str(tmp_path / "one"), *over],
@@ -247,6 +247,11 @@ def test_fsdp_two_processes_match_one(tmp_path, algo):
     moved = max(float((wa[k] - ed.state_dict()[k]).abs().max()) for k in wa)
     assert moved > 1e-4                                                   # it trained
     assert all(torch.allclose(wa[k], wb[k], atol=0.1 * moved) for k in wa)  # see the DDP test above
+    # rank 0 evaluated the gathered weights (the other rank waited): same verdicts as 1 process
+    import json
+    ra, rb = (json.loads((d / "eval" / "final" / "results.json").read_text()) for d in (tmp_path / "one", two))
+    assert rb["n_sessions"] == ra["n_sessions"] == 2
+    assert [t["success_all"] for t in rb["per_turn"]] == [t["success_all"] for t in ra["per_turn"]]
     # the checkpoint holds full (gathered) tensors of the model and the optimizer
     tensors, _ = load_state(two / "state.safetensors")
     for k, v in ed.state_dict().items():
