@@ -30,8 +30,7 @@ gather is a collective, so every rank must make the same sequence of forward/bac
 of the sharded modules: rollouts are padded to the largest per-rank session count
 (`pad_count`), loss micro-batches to the largest per-rank count (dummy ones carry weight 0),
 and each rank's loss is weighted by `grad_scale` *before* backward (FSDP averages gradients
-while reducing them). Evaluation and saving gather full weights (`fsdp_gathered`,
-`full_state`).
+while reducing them). Evaluation and saving gather full weights (`full_state`).
 """
 
 from __future__ import annotations
@@ -347,11 +346,6 @@ def broadcast_params_(params: Sequence[torch.nn.Parameter], src: int = 0) -> Non
 
 # ----------------------------------------------------------------------------------- FSDP
 
-def _fsdp_modules(root: torch.nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in root.modules() if isinstance(m, FSDPModule)]
-
-
 def fsdp_shard(modules: Sequence[torch.nn.Module]) -> int:
     """Shard `modules` (inner blocks first, the root last) with FSDP2 `fully_shard` over every
     rank; returns how many were sharded. Parameters become DTensors: build the optimizer after."""
@@ -375,10 +369,6 @@ def reshard_after_forward() -> bool:
     return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("0", "false", "no")
 
 
-def is_sharded(root: torch.nn.Module) -> bool:
-    return initialized() and bool(_fsdp_modules(root))
-
-
 def is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
@@ -386,12 +376,6 @@ def is_dtensor(t: Any) -> bool:
 
 def has_sharded(params) -> bool:
     return any(is_dtensor(p) for p in params)
-
-
-def fsdp_modules_of(editor) -> list:
-    """The editor's FSDP-sharded modules (empty when nothing was sharded)."""
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in editor.fsdp_modules() if isinstance(m, FSDPModule)] if initialized() else []
 
 
 @torch.no_grad()
@@ -410,31 +394,6 @@ def clip_grad_norm_(params: Sequence[torch.nn.Parameter], max_norm: float) -> fl
         for g in grads:
             local_tensor(g).mul_(coef)
     return total
-
-
-class fsdp_gathered:
-    """Inside: every sharded module of `roots` holds its full parameters and forwards without
-    collectives, so one rank may run alone (evaluation) or ranks may run different numbers of
-    forwards. Every rank must enter and leave together. A no-op without FSDP."""
-
-    def __init__(self, *roots: torch.nn.Module) -> None:
-        mods: list = []
-        for r in roots:
-            for m in (_fsdp_modules(r) if initialized() and r is not None else []):
-                if all(m is not x for x in mods):
-                    mods.append(m)
-        self.mods = mods
-
-    def __enter__(self) -> "fsdp_gathered":
-        for m in self.mods:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m in self.mods:
-            m.reshard()
-            m.set_reshard_after_forward(reshard_after_forward(), recurse=False)
 
 
 def full_tensor(t: Tensor) -> Tensor:

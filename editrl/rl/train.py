@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,7 +387,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         params = [p for p in policy.trainable_parameters() if p.requires_grad]
         if main:
             log(f"FSDP: {n_sharded} modules sharded over {W} processes")
-    sharded = D.fsdp_modules_of(policy) if fsdp else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     if resumed is not None:
         unflatten_optimizer(opt, resumed[0], resumed[1]["optimizer"])
@@ -532,12 +532,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                     "time/update_s": round(t3 - t2, 3), "elapsed_min": round(elapsed / 60, 3)})
         # 6. evaluate, log, checkpoint
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            with D.fsdp_gathered(*sharded):            # rank 0 evaluates on the full weights
-                if main:
-                    res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log, intent)
-                    evals[step] = res
-                    row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
-                D.barrier()
+            weights = D.full_state(policy.state_dict()) if fsdp else None   # FSDP: every rank gathers its shards
+            if main:                                   # rank 0 evaluates the full weights
+                res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log, intent, state=weights)
+                evals[step] = res
+                row.update({f"eval/success_all@{r['turn']}": r["success_all"] for r in res["per_turn"]})
         if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             append_metrics(metrics_path, row)
             if tracker.active:
@@ -560,20 +559,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     tracker.close()
     final = out / "final"
     summary: dict[str, Any] = {"out": str(out), "steps": step, "rank": R}
-    weights = D.full_state(policy.state_dict()) if fsdp else None      # every rank gathers its shards
-    with D.fsdp_gathered(*sharded):    # rank 0 writes the final (full) weights and evaluates
-        if main:
-            final.mkdir(exist_ok=True)
-            policy.save(final / policy.checkpoint_file, extra_meta={
-                "rl_steps": str(step), "rl_algorithm": cfg.algorithm, "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec},
-                state=weights)
-            if intent is not None and intent.cfg.train:
-                from ..intent.tiny import save_policy
-                save_policy(intent.policy, final / "intent.safetensors", {"rl_steps": str(step), "rl_init": cfg.intent.spec})
-            summary = {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2), "final": str(final), "last": last}
-            if cfg.final_eval and (stop_at is None or step >= cfg.max_steps):
-                summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log, intent)
-        D.barrier()
+    weights = D.full_state(policy.state_dict()) if fsdp else None      # FSDP: every rank gathers its shards
+    if main:                           # rank 0 writes the final (full) weights and evaluates
+        final.mkdir(exist_ok=True)
+        policy.save(final / policy.checkpoint_file, extra_meta={
+            "rl_steps": str(step), "rl_algorithm": cfg.algorithm, "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec},
+            state=weights)
+        if intent is not None and intent.cfg.train:
+            from ..intent.tiny import save_policy
+            save_policy(intent.policy, final / "intent.safetensors", {"rl_steps": str(step), "rl_init": cfg.intent.spec})
+        summary = {"out": str(out), "steps": step, "minutes": round(elapsed / 60, 2), "final": str(final), "last": last}
+        if cfg.final_eval and (stop_at is None or step >= cfg.max_steps):
+            summary["eval"] = evaluate(policy, cfg, out / "eval" / "final", log, intent, state=weights)
     D.barrier()
     return summary
 
@@ -587,13 +584,17 @@ def editor_spec(cfg: TrainConfig) -> str:
     return cfg.init
 
 
-def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None], intent: IntentActor | None = None) -> dict[str, Any]:
-    """Benchmark the current policy (and intent policy) on held-out sessions through the benchmark harness."""
+def evaluate(policy, cfg: TrainConfig, out: Path, log: Callable[[str], None], intent: IntentActor | None = None,
+             state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Benchmark the current policy (and intent policy) on held-out sessions through the benchmark
+    harness, which loads the weights saved here (`state`: gathered FSDP weights to save instead)."""
     from ..bench import BenchConfig, run_bench
 
     tmp = out / policy.checkpoint_file
-    out.mkdir(parents=True, exist_ok=True)
-    policy.save(tmp)
+    if out.exists():        # an earlier evaluation here (a run resumed with more steps): replaced, not resumed
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    policy.save(tmp, state=state)
     spec = "none"
     if intent is not None:
         spec = cfg.intent.spec
