@@ -95,8 +95,9 @@ def session_examples(rng: np.random.Generator, cfg: PretrainConfig, tok: Tokeniz
     ground-truth image before the turn (degraded with probability `degrade_prob`), target =
     the one after, text = the explicit instruction or (with probability `in_context_share`)
     the in-context form; the mask marks the pixels the edit changes (against the clean
-    source, so degradation is not counted as edit). Using all turns of a session makes data 2-3x cheaper than one turn
-    per session, and the worker that makes it shares the 2 cores with the trainer."""
+    source, so degradation is not counted as edit). Using all turns of a session makes data
+    2-3x cheaper than one turn per session, and the worker that makes it shares the 2 cores
+    with the trainer."""
     K = int(rng.integers(1, cfg.max_turns + 1))
     s = sample_session(int(rng.integers(2**31)), 0, GrammarConfig(turns=K, canvas=cfg.model.canvas))
     scenes = session_scenes(s)

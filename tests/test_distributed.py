@@ -3,6 +3,7 @@ global advantages, loss and all-reduced gradient as 1 process on the same global
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -138,11 +139,25 @@ def test_two_processes_match_one_process(tmp_path):
     assert torch.equal(ranks[0]["grad"], ranks[1]["grad"])     # every rank holds the same gradient
 
 
+def _train_rows(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_rows(one: list[dict], two: list[dict]) -> None:
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for k, v in a.items():
+            if k.startswith("time/") or k == "elapsed_min":
+                continue
+            if isinstance(v, float):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+            else:
+                assert b[k] == v, k
+
+
 def test_editrl_train_two_processes_match_one(tmp_path):
     """`editrl train` itself under `accelerate launch` (2 gloo processes) gives the metrics and the
     final weights of one process with per-session random streams (session_rng=true)."""
-    import json
-
     from editrl.editors.tiny import load_tiny
 
     pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
@@ -155,19 +170,9 @@ def test_editrl_train_two_processes_match_one(tmp_path):
     _run([*_launch_two(), "-m", "editrl.cli", "train",
           "--config", "shapes-nft", "--out", str(tmp_path / "two"), *over], timeout=240)
 
-    def rows(d):
-        return [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-
-    one, two = rows("one"), rows("two")
+    one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
     assert len(one) == len(two) == 2                              # rank 0 alone writes metrics
-    for a, b in zip(one, two):
-        for k, v in a.items():
-            if k.startswith("time/") or k == "elapsed_min":
-                continue
-            if isinstance(v, float):
-                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-            else:
-                assert b[k] == v, k
+    _assert_same_rows(one, two)
     wa = load_tiny(f"tiny:{tmp_path / 'one' / 'final'}").state_dict()
     wb = load_tiny(f"tiny:{tmp_path / 'two' / 'final'}").state_dict()
     # The all-reduce sums gradients in another order (differences ~1e-9); AdamW's first steps
@@ -187,23 +192,6 @@ def test_deepspeed_launch_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(EditrlInputError, match="fsdp.yaml"):
         D.init_from_env()
-
-
-def _train_rows(d: Path) -> list[dict]:
-    import json
-    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_same_rows(one: list[dict], two: list[dict], skip: tuple[str, ...] = ()) -> None:
-    assert len(one) == len(two)
-    for a, b in zip(one, two):
-        for k, v in a.items():
-            if k.startswith("time/") or k == "elapsed_min" or k in skip:
-                continue
-            if isinstance(v, float):
-                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-            else:
-                assert b[k] == v, k
 
 
 def _launch_fsdp_yaml() -> list[str]:
@@ -248,7 +236,6 @@ def test_fsdp_two_processes_match_one(tmp_path, algo):
     assert moved > 1e-4                                                   # it trained
     assert all(torch.allclose(wa[k], wb[k], atol=0.1 * moved) for k in wa)  # see the DDP test above
     # rank 0 evaluated the gathered weights (the other rank waited): same verdicts as 1 process
-    import json
     ra, rb = (json.loads((d / "eval" / "final" / "results.json").read_text()) for d in (tmp_path / "one", two))
     assert rb["n_sessions"] == ra["n_sessions"] == 2
     assert [t["success_all"] for t in rb["per_turn"]] == [t["success_all"] for t in ra["per_turn"]]

@@ -27,8 +27,9 @@ FSDP (a launch with ACCELERATE_USE_FSDP, e.g. `recipes/accelerate/fsdp.yaml`): t
 `fully_shard` over all ranks: each rank keeps 1/W of those parameters, their gradients and
 optimizer states, and gathers one block at a time for each forward and backward. Every
 gather is a collective, so every rank must make the same sequence of forward/backward calls
-of the sharded modules: rollouts are padded to the largest per-rank session count
-(`pad_count`), loss micro-batches to the largest per-rank count (dummy ones carry weight 0),
+of the sharded modules: a rank with fewer sessions rolls out (and discards) copies of one
+until it has as many as the largest shard, loss micro-batches are padded to the largest
+per-rank count (`pad_count`; the fillers carry weight 0),
 and each rank's loss is weighted by `grad_scale` *before* backward (FSDP averages gradients
 while reducing them). Evaluation and saving gather full weights (`full_state`).
 """
@@ -82,7 +83,7 @@ def init_from_env(backend: str | None = None) -> bool:
         raise EditrlInputError("this launch asks for DeepSpeed, which editrl train does not wire (every process would "
                                "hold a whole copy of the model); launch with recipes/accelerate/ddp.yaml or fsdp.yaml")
     if backend is None:
-        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        cpu = _env_flag("ACCELERATE_USE_CPU")
         backend = "nccl" if torch.cuda.is_available() and not cpu else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -398,14 +399,12 @@ def clip_grad_norm_(params: Sequence[torch.nn.Parameter], max_norm: float) -> fl
 
 def full_tensor(t: Tensor) -> Tensor:
     """The whole tensor of a DTensor (a collective: every rank must call it), else `t`."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor, else `t` (no communication)."""
-    from torch.distributed.tensor import DTensor
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def full_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:

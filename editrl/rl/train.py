@@ -176,11 +176,6 @@ def judge_rollout(judge, sessions, ro: Rollout) -> list[list[list]]:
     return pipe.verdicts()[0]
 
 
-def _chunks(idx: torch.Tensor, n: int):
-    for i in range(0, len(idx), n):
-        yield idx[i: i + n]
-
-
 def _work_items(rows: list[tuple[int, Any]], minibatch: int) -> list[tuple[int, list]]:
     """(k, payload) rows -> micro-batches (turn k, [payloads]): `minibatch` rows per chunk, split by turn."""
     items: list[tuple[int, list]] = []
