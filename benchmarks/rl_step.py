@@ -9,12 +9,15 @@ avoid, with the same batch sizes:
 * rollout: K turns x (text encoding + T net forwards) at batch B*G, no gradient;
 * update, NFT: per trained sample one old-policy forward (no gradient) + one forward and
   backward of θ, in minibatches of `minibatch`;
-* update, GRPO: per stored in-window transition one forward and backward of θ.
+* update, GRPO: per stored in-window transition one forward and backward of θ;
+* plus, in either, one reference forward (no gradient) per trained sample when the config
+  asks for a reference term (GRPO `kl_beta > 0`, NFT `nft_ref_weight > 0`): the KL to the
+  reference cannot be had without it.
 
 overhead = step time / unavoidable time (target <= 1.15); the reward (program judge) is
 reported separately, as `overhead_model` excludes it. Peak RSS is the process's.
 
-    python benchmarks/rl_step.py [--steps 3] [--sessions 8 --group 8 --turns 3 --T 10] [--out runs/bench/rl_step.json]
+    python benchmarks/rl_step.py [--steps 6] [--sessions 8 --group 8 --turns 3 --T 10] [--out runs/bench/rl_step.json]
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def timed(fn, repeats: int = 1) -> float:
-    t0 = time.perf_counter()
+def timed(fn, repeats: int = 3) -> float:
+    """Median seconds of `repeats` calls after one warm-up call (this VM's speed drifts by ~10%)."""
+    fn()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def unavoidable_rollout(ed, n: int, K: int, T: int, texts: list[str]) -> float:
@@ -58,8 +65,9 @@ def unavoidable_rollout(ed, n: int, K: int, T: int, texts: list[str]) -> float:
     return timed(run)
 
 
-def unavoidable_update(ed, old, n_samples: int, minibatch: int, texts: list[str], with_old: bool) -> float:
-    """Forward+backward of θ (and a no-grad old forward for NFT) over n_samples in minibatches."""
+def unavoidable_update(ed, frozen: list, n_samples: int, minibatch: int, texts: list[str]) -> float:
+    """Forward+backward of θ plus one no-grad forward of each `frozen` model (NFT's old policy,
+    the reference) over n_samples in minibatches."""
     c = ed.cfg.canvas
     ed.net.train()
 
@@ -71,14 +79,13 @@ def unavoidable_update(ed, old, n_samples: int, minibatch: int, texts: list[str]
             src = torch.rand(m, 3, c, c) * 2 - 1
             x = torch.randn(m, 3, c, c)
             s = torch.rand(m) * 0.9 + 0.05
-            if with_old:
+            for other in frozen:
                 with torch.no_grad():
-                    old.velocity(x, s, old.encode(src, texts[:m], [[] for _ in range(m)]))
+                    other.velocity(x, s, other.encode(src, texts[:m], [[] for _ in range(m)]))
             v = ed.velocity(x, s, ed.encode(src, texts[:m], [[] for _ in range(m)]))
             (v ** 2).mean().backward()
         ed.net.zero_grad(set_to_none=True)
 
-    run()  # warm-up
     t = timed(run)
     ed.net.eval()
     return t
@@ -106,14 +113,16 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     texts = [sample_session(99, i, GrammarConfig(turns=1)).turns[0].explicit for i in range(max(args.sessions * args.group, 64))]
     n_roll = args.sessions * args.group
     t_roll = unavoidable_rollout(ed, n_roll, args.turns, args.T, texts)
+    needs_ref = cfg.kl_beta > 0 or cfg.nft_ref_weight > 0
     if cfg.algorithm == "nft":
         n_train = float(np.mean([r.get("nft/samples", 0.0) for r in rows]))
-        t_upd = unavoidable_update(ed, old, int(round(n_train)), cfg.minibatch, texts, with_old=True)
+        frozen = [old] + ([load_editor(args.editor)] if needs_ref else [])
     else:
         n_train = float(np.mean([r.get("grpo/transitions", 0.0) for r in rows]))
-        t_upd = unavoidable_update(ed, None, int(round(n_train)), cfg.minibatch, texts, with_old=False)
+        frozen = [old] if needs_ref else []          # `old` stands in for the frozen reference
+    t_upd = unavoidable_update(ed, frozen, int(round(n_train)), cfg.minibatch, texts)
     model_time = t_roll + t_upd
-    return {"variant": name, "steps_timed": len(rows), **{f"{p}_s": round(v, 3) for p, v in phases.items()},
+    return {"variant": name, "steps_timed": len(rows), "reference_forward": needs_ref, **{f"{p}_s": round(v, 3) for p, v in phases.items()},
             "step_s": round(step, 3), "trained_samples": n_train,
             "unavoidable_rollout_s": round(t_roll, 3), "unavoidable_update_s": round(t_upd, 3),
             "overhead": round(step / model_time, 3),
@@ -124,7 +133,7 @@ def run_variant(name: str, overrides: dict, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--editor", default="tiny")
-    ap.add_argument("--steps", type=int, default=3, help="timed RL steps per variant (after one warm-up step)")
+    ap.add_argument("--steps", type=int, default=6, help="timed RL steps per variant (after one warm-up step)")
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--turns", type=int, default=3)

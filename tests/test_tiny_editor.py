@@ -141,7 +141,8 @@ def test_save_load_round_trip_and_pickle_refused(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [dict(top_self_attn=False), dict(top_self_heads=1),
-                                   dict(stem_hidden=24, head_hidden=40, top_self_heads=1)])
+                                   dict(stem_hidden=24, head_hidden=40, top_self_heads=1),
+                                   dict(head_skip=True), dict(head_skip=True, head_hidden=40)])
 def test_architecture_options_round_trip(tmp_path, extra):
     cfg = TinyConfig(**{**SMALL.__dict__, **extra})
     torch.manual_seed(0)
@@ -368,3 +369,37 @@ def test_shipped_checkpoint_loads_and_edits():
     s = sample_session(31, 0, GrammarConfig(turns=1))
     out = ed.edit([render(session_scenes(s)[0])], [s.turns[0].explicit], steps=2)
     assert out[0].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(head_skip=True), dict(head_skip=True, stem_hidden=24, head_hidden=40)])
+def test_source_features_split_matches_the_concatenated_layers_and_the_cache_is_exact(extra):
+    """The stem's and head's first 1x1 layers over [x patch, source patch] are computed as
+    x part + cached source part: equal (to rounding) to the layer over the concatenation, and
+    a cached forward equals an uncached one bit for bit."""
+    import torch.nn.functional as F
+    cfg = TinyConfig(**{**SMALL.__dict__, **extra})
+    torch.manual_seed(0)
+    net = TinyEditor(cfg).net
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    f, n, c0 = cfg.fold, 3 * cfg.fold ** 2, cfg.channels[0]
+    src, x = torch.rand(2, 3, cfg.canvas, cfg.canvas) * 2 - 1, torch.randn(2, 3, cfg.canvas, cfg.canvas)
+    stem_s, head_s = net.source_features(src)
+    xp = F.pixel_unshuffle(x, f)
+    both = F.pixel_unshuffle(torch.cat([x, src], 1), f)
+    first = net._first(net.stem)
+    torch.testing.assert_close(F.conv2d(xp, first.weight[:, :n]) + stem_s, first(both), rtol=1e-5, atol=1e-5)
+    if cfg.head_skip:
+        h = torch.randn(2, c0, cfg.canvas // f, cfg.canvas // f)
+        hd = net._first(net.out)
+        split = F.conv2d(h, hd.weight[:, :c0]) + F.conv2d(xp, hd.weight[:, c0:c0 + n]) + head_s
+        torch.testing.assert_close(split, hd(torch.cat([h, both], 1)), rtol=1e-5, atol=1e-5)
+    else:
+        assert head_s is None
+    ids = torch.tensor([[3, 4, 5], [3, 6, 0]])
+    mask = ids != 0
+    text, pooled = net.encode_text(ids, mask)
+    sigma = torch.tensor([0.3, 0.8])
+    a = net(x, sigma, src, text, mask, pooled)
+    b = net(x, sigma, src, net.text_cache(text), mask, pooled, (stem_s, head_s))
+    assert torch.equal(a, b)

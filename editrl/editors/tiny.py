@@ -112,6 +112,7 @@ class TinyConfig:
     top_self_heads: int = 0                # heads of that self-attention (0 = `heads`; 1 is ~3x cheaper on CPU)
     stem_hidden: int = 0                   # per-patch MLP width of the input stem (0 = one linear map)
     head_hidden: int = 0                   # per-patch MLP width of the output head (0 = one linear map)
+    head_skip: bool = False                # the head also reads the raw input patch (x_σ and source)
     vocab: tuple[str, ...] = WORDS
 
     def to_json(self) -> str:
@@ -249,8 +250,12 @@ class TinyEditNet(nn.Module):
                       self_heads=cfg.top_self_heads if i == 0 else 0) if i >= cfg.attn_start else nn.Identity()
             for i in range(n - 1))
         self.out_norm = nn.GroupNorm(8, ch[0])
-        self.out = (nn.Conv2d(ch[0], pout, 1) if not cfg.head_hidden else
-                    nn.Sequential(nn.Conv2d(ch[0], cfg.head_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.head_hidden, pout, 1)))
+        # With `head_skip` the head sees the f x f input patch itself, not only the ch[0] features
+        # that summarise it: erasing an object or recolouring the background must reproduce the
+        # source's exact per-pixel shape mask, which 32 features of a 96-value patch blur.
+        hin = ch[0] + (pin if cfg.head_skip else 0)
+        self.out = (nn.Conv2d(hin, pout, 1) if not cfg.head_hidden else
+                    nn.Sequential(nn.Conv2d(hin, cfg.head_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.head_hidden, pout, 1)))
         self.attns = [m for m in self.modules() if isinstance(m, Attention)]
         last = self.out if isinstance(self.out, nn.Conv2d) else self.out[-1]
         nn.init.zeros_(last.weight)
@@ -267,30 +272,59 @@ class TinyEditNet(nn.Module):
         """Every attention module's text keys/values, computed once per edit, not per step."""
         return {id(m): m.text_kv(text) for m in self.attns}
 
+    # The stem's and the head's first layers are 1x1 convolutions over [x_σ patch, source patch]
+    # (the head's also over the features). Their source part is the same at every sampling
+    # step, so it is computed once per edit (`source_features`) and added per step. The forward
+    # always takes this split path, cached or not, so both give the same numbers.
+    def _first(self, m: nn.Module) -> nn.Conv2d:
+        return m if isinstance(m, nn.Conv2d) else m[0]
+
+    def _rest(self, m: nn.Module, pre: Tensor) -> Tensor:
+        return pre if isinstance(m, nn.Conv2d) else m[2](m[1](pre))
+
+    def source_features(self, source: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The source patch's share (+ bias) of the stem's and the head's first layers."""
+        f, n, c0 = self.cfg.fold, 3 * self.cfg.fold ** 2, self.cfg.channels[0]
+        sp = F.pixel_unshuffle(source, f)                                             # [B, 3f², 16, 16]
+        st = self._first(self.stem)
+        stem_s = F.conv2d(sp, st.weight[:, n:], st.bias)                              # [B, stem width, 16, 16]
+        if not self.cfg.head_skip:
+            return stem_s, None
+        hd = self._first(self.out)
+        return stem_s, F.conv2d(sp, hd.weight[:, c0 + n:], hd.bias)                   # [B, head width, 16, 16]
+
     def forward(self, x: Tensor, sigma: Tensor, source: Tensor, text: Tensor | dict, text_mask: Tensor,
-                pooled: Tensor) -> Tensor:
-        f = self.cfg.fold
+                pooled: Tensor, src: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        f, n, c0 = self.cfg.fold, 3 * self.cfg.fold ** 2, self.cfg.channels[0]
         cache = text if isinstance(text, dict) else self.text_cache(text)
-        e = self.t_mlp(sigma_embedding(sigma, self.cfg.channels[0])) + self.p_mlp(pooled)   # [B, E]
-        h = self.stem(F.pixel_unshuffle(torch.cat([x, source], 1), f))                 # [B, C0, 16, 16]
+        stem_s, head_s = src if src is not None else self.source_features(source)
+        e = self.t_mlp(sigma_embedding(sigma, c0)) + self.p_mlp(pooled)               # [B, E]
+        xp = F.pixel_unshuffle(x, f)                                                  # [B, 3f², 16, 16]
+        h = self._rest(self.stem, F.conv2d(xp, self._first(self.stem).weight[:, :n]) + stem_s)   # [B, C0, 16, 16]
         skips = []
-        n = len(self.cfg.channels)
-        for i in range(n):
+        levels = len(self.cfg.channels)
+        for i in range(levels):
             h = h + self.pos_emb[i]
             for j, block in enumerate(self.down[i]):
                 h = block(h, e)
                 if len(self.down_attn[i]):
                     h = self.down_attn[i][j](h, cache[id(self.down_attn[i][j])], text_mask)
-            if i < n - 1:
+            if i < levels - 1:
                 skips.append(h)
                 h = self.downsample[i](h)                                             # [B, C_{i+1}, H/2, W/2]
         h = self.mid_attn(self.mid(h, e), cache[id(self.mid_attn)], text_mask)        # [B, C_last, h, w]
-        for i in range(n - 2, -1, -1):
+        for i in range(levels - 2, -1, -1):
             h = self.upconv[i](F.interpolate(h, scale_factor=2, mode="nearest"))
             h = self.up[i](h + skips.pop(), e)
             if isinstance(self.up_attn[i], Attention):
                 h = self.up_attn[i](h, cache[id(self.up_attn[i])], text_mask)
-        delta = F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), f)               # [B, 3, 64, 64]
+        h = F.silu(self.out_norm(h))                                                  # [B, C0, 16, 16]
+        if self.cfg.head_skip:
+            w = self._first(self.out).weight
+            pre = F.conv2d(h, w[:, :c0]) + F.conv2d(xp, w[:, c0:c0 + n]) + head_s    # [B, head width, 16, 16]
+        else:
+            pre = self._first(self.out)(h)
+        delta = F.pixel_shuffle(self._rest(self.out, pre), f)                         # [B, 3, 64, 64]
         return source + delta                                                         # x̂0: an edit of the source
 
 
@@ -301,11 +335,13 @@ class TinyCond:
     text_mask: Tensor   # [B, L]
     pooled: Tensor      # [B, D]
     kv: dict = field(default_factory=dict)  # per attention module: text keys/values [B, h, L, d]
+    src: tuple | None = None                # TinyEditNet.source_features(source), once per edit
 
     def repeat(self, n: int) -> "TinyCond":
-        return TinyCond(self.source.repeat_interleave(n, 0), self.text.repeat_interleave(n, 0),
-                        self.text_mask.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0),
-                        {k: (a.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for k, (a, b) in self.kv.items()})
+        rep = (lambda t: None if t is None else t.repeat_interleave(n, 0))
+        return TinyCond(rep(self.source), rep(self.text), rep(self.text_mask), rep(self.pooled),
+                        {k: (rep(a), rep(b)) for k, (a, b) in self.kv.items()},
+                        None if self.src is None else tuple(rep(t) for t in self.src))
 
 
 class TinyEditor(FlowEditor):
@@ -337,10 +373,12 @@ class TinyEditor(FlowEditor):
 
     def encode_tokens(self, images: Tensor, ids: Tensor, mask: Tensor) -> TinyCond:
         text, pooled = self.net.encode_text(ids.to(self.device), mask.to(self.device))
-        return TinyCond(images.to(self.device), text, mask.to(self.device), pooled, self.net.text_cache(text))
+        images = images.to(self.device)
+        return TinyCond(images, text, mask.to(self.device), pooled, self.net.text_cache(text),
+                        self.net.source_features(images))
 
     def predict_x0(self, x: Tensor, sigma: Tensor, cond: TinyCond) -> Tensor:
-        return self.net(x, sigma, cond.source, cond.kv or cond.text, cond.text_mask, cond.pooled)
+        return self.net(x, sigma, cond.source, cond.kv or cond.text, cond.text_mask, cond.pooled, cond.src)
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: TinyCond) -> Tensor:
         """v = (x_σ − x̂0) / σ: exact for the flow x_σ = (1−σ)·x0 + σ·ε (σ floored at SIGMA_FLOOR)."""
