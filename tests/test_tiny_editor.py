@@ -142,7 +142,7 @@ def test_save_load_round_trip_and_pickle_refused(tmp_path):
 
 @pytest.mark.parametrize("extra", [dict(top_self_attn=False), dict(top_self_heads=1),
                                    dict(stem_hidden=24, head_hidden=40, top_self_heads=1),
-                                   dict(head_skip=True), dict(head_skip=True, head_hidden=40)])
+                                   dict(head_skip="input"), dict(head_skip="source", head_hidden=40)])
 def test_architecture_options_round_trip(tmp_path, extra):
     cfg = TinyConfig(**{**SMALL.__dict__, **extra})
     torch.manual_seed(0)
@@ -371,7 +371,7 @@ def test_shipped_checkpoint_loads_and_edits():
     assert out[0].shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(head_skip=True), dict(head_skip=True, stem_hidden=24, head_hidden=40)])
+@pytest.mark.parametrize("extra", [dict(), dict(head_skip="input"), dict(head_skip="source"), dict(head_skip="input", stem_hidden=24, head_hidden=40)])
 def test_source_features_split_matches_the_concatenated_layers_and_the_cache_is_exact(extra):
     """The stem's and head's first 1x1 layers over [x patch, source patch] are computed as
     x part + cached source part: equal (to rounding) to the layer over the concatenation, and
@@ -389,11 +389,14 @@ def test_source_features_split_matches_the_concatenated_layers_and_the_cache_is_
     both = F.pixel_unshuffle(torch.cat([x, src], 1), f)
     first = net._first(net.stem)
     torch.testing.assert_close(F.conv2d(xp, first.weight[:, :n]) + stem_s, first(both), rtol=1e-5, atol=1e-5)
-    if cfg.head_skip:
+    if cfg.head_skip != "none":
         h = torch.randn(2, c0, cfg.canvas // f, cfg.canvas // f)
         hd = net._first(net.out)
-        split = F.conv2d(h, hd.weight[:, :c0]) + F.conv2d(xp, hd.weight[:, c0:c0 + n]) + head_s
-        torch.testing.assert_close(split, hd(torch.cat([h, both], 1)), rtol=1e-5, atol=1e-5)
+        split = F.conv2d(h, hd.weight[:, :c0]) + head_s
+        if cfg.head_skip == "input":
+            split = split + F.conv2d(xp, hd.weight[:, c0:c0 + n])
+        patches = both if cfg.head_skip == "input" else F.pixel_unshuffle(src, f)
+        torch.testing.assert_close(split, hd(torch.cat([h, patches], 1)), rtol=1e-5, atol=1e-5)
     else:
         assert head_s is None
     ids = torch.tensor([[3, 4, 5], [3, 6, 0]])

@@ -97,6 +97,9 @@ class Tokenizer:
         return ids, ids != self.pad                                                  # [B, L], [B, L]
 
 
+HEAD_SKIPS = ("none", "source", "input")
+
+
 @dataclass
 class TinyConfig:
     canvas: int = 64
@@ -112,7 +115,7 @@ class TinyConfig:
     top_self_heads: int = 0                # heads of that self-attention (0 = `heads`; 1 is ~3x cheaper on CPU)
     stem_hidden: int = 0                   # per-patch MLP width of the input stem (0 = one linear map)
     head_hidden: int = 0                   # per-patch MLP width of the output head (0 = one linear map)
-    head_skip: bool = False                # the head also reads the raw input patch (x_σ and source)
+    head_skip: str = "none"                # the head also reads the raw patch of: none | source | input (x_σ and source)
     vocab: tuple[str, ...] = WORDS
 
     def to_json(self) -> str:
@@ -250,10 +253,12 @@ class TinyEditNet(nn.Module):
                       self_heads=cfg.top_self_heads if i == 0 else 0) if i >= cfg.attn_start else nn.Identity()
             for i in range(n - 1))
         self.out_norm = nn.GroupNorm(8, ch[0])
-        # With `head_skip` the head sees the f x f input patch itself, not only the ch[0] features
+        # With `head_skip` the head sees the f x f source (and x_σ) patch itself, not only the ch[0] features
         # that summarise it: erasing an object or recolouring the background must reproduce the
         # source's exact per-pixel shape mask, which 32 features of a 96-value patch blur.
-        hin = ch[0] + (pin if cfg.head_skip else 0)
+        if cfg.head_skip not in HEAD_SKIPS:
+            raise ValueError(f"head_skip must be one of {', '.join(HEAD_SKIPS)}, got {cfg.head_skip!r}")
+        hin = ch[0] + {"none": 0, "source": pin // 2, "input": pin}[cfg.head_skip]
         self.out = (nn.Conv2d(hin, pout, 1) if not cfg.head_hidden else
                     nn.Sequential(nn.Conv2d(hin, cfg.head_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.head_hidden, pout, 1)))
         self.attns = [m for m in self.modules() if isinstance(m, Attention)]
@@ -288,10 +293,11 @@ class TinyEditNet(nn.Module):
         sp = F.pixel_unshuffle(source, f)                                             # [B, 3f², 16, 16]
         st = self._first(self.stem)
         stem_s = F.conv2d(sp, st.weight[:, n:], st.bias)                              # [B, stem width, 16, 16]
-        if not self.cfg.head_skip:
+        if self.cfg.head_skip == "none":
             return stem_s, None
         hd = self._first(self.out)
-        return stem_s, F.conv2d(sp, hd.weight[:, c0 + n:], hd.bias)                   # [B, head width, 16, 16]
+        w = hd.weight[:, c0 + n:] if self.cfg.head_skip == "input" else hd.weight[:, c0:]
+        return stem_s, F.conv2d(sp, w, hd.bias)                                       # [B, head width, 16, 16]
 
     def forward(self, x: Tensor, sigma: Tensor, source: Tensor, text: Tensor | dict, text_mask: Tensor,
                 pooled: Tensor, src: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
@@ -319,9 +325,11 @@ class TinyEditNet(nn.Module):
             if isinstance(self.up_attn[i], Attention):
                 h = self.up_attn[i](h, cache[id(self.up_attn[i])], text_mask)
         h = F.silu(self.out_norm(h))                                                  # [B, C0, 16, 16]
-        if self.cfg.head_skip:
+        if self.cfg.head_skip != "none":
             w = self._first(self.out).weight
-            pre = F.conv2d(h, w[:, :c0]) + F.conv2d(xp, w[:, c0:c0 + n]) + head_s    # [B, head width, 16, 16]
+            pre = F.conv2d(h, w[:, :c0]) + head_s                                     # [B, head width, 16, 16]
+            if self.cfg.head_skip == "input":
+                pre = pre + F.conv2d(xp, w[:, c0:c0 + n])
         else:
             pre = self._first(self.out)(h)
         delta = F.pixel_shuffle(self._rest(self.out, pre), f)                         # [B, 3, 64, 64]
