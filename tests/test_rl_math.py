@@ -654,3 +654,37 @@ def test_ema_update_and_decay_ramp():
     for step in (0, 74, 75, 100, 150, 208, 209, 400):
         public = 0.0 if step < 75 else min((step - 75) * 0.0075, 0.999)
         assert old_policy_decay(step, 0.999, 0.999 / 0.0075, flat=75) == pytest.approx(public)
+
+
+# ----------------------------------------------------------------------------- evaluation EMA
+
+def test_weight_ema_closed_form_dtypes_and_errors():
+    from editrl.rl.ema import ema_export, ema_init, ema_state_update_
+
+    e0 = {"w": torch.tensor([1.0, -2.0]), "h": torch.tensor([0.5], dtype=torch.bfloat16), "n": torch.tensor([3])}
+    ema = ema_init(e0)
+    assert ema["h"].dtype == torch.float32 and ema["n"].dtype == torch.int64
+    s = {"w": torch.tensor([3.0, 2.0]), "h": torch.tensor([1.5], dtype=torch.bfloat16), "n": torch.tensor([7])}
+    d = 0.9
+    for _ in range(5):
+        ema_state_update_(ema, s, d)
+    # a constant input: ema_n = d^n·e0 + (1 − d^n)·s
+    expect = d ** 5 * e0["w"] + (1 - d ** 5) * s["w"]
+    assert torch.allclose(ema["w"], expect, atol=1e-6)
+    assert torch.equal(ema["n"], s["n"])                    # non-floating tensors are copied
+    out = ema_export(ema, s)
+    assert out["h"].dtype == torch.bfloat16 and out["w"].dtype == torch.float32
+    # decay 0 copies, decay 1 keeps
+    ema2 = ema_init(e0)
+    ema_state_update_(ema2, s, 1.0)
+    assert torch.equal(ema2["w"], e0["w"])
+    ema_state_update_(ema2, s, 0.0)
+    assert torch.equal(ema2["w"], s["w"])
+    # the input is not modified, and the EMA holds its own copy
+    assert torch.equal(e0["w"], torch.tensor([1.0, -2.0]))
+    with pytest.raises(ValueError, match="keys"):
+        ema_state_update_(ema, {"w": s["w"]}, 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        ema_state_update_(ema, {**s, "w": torch.zeros(3)}, 0.5)
+    with pytest.raises(ValueError, match="decay"):
+        ema_state_update_(ema, s, 1.5)

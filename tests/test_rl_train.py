@@ -217,3 +217,32 @@ def test_rules_intent_in_rollouts_gives_the_gold_explicit_text(small_ckpt):
             if s.n_turns >= k:
                 assert text == s.turns[k - 1].explicit
     assert actor.text_stats()["text/exact"] == 1.0
+
+
+def test_evaluation_ema_follows_theta_step_by_step_and_resumes(small_ckpt, tmp_path):
+    """ema_decay d: after each step the saved EMA is d·EMA + (1 − d)·θ (θ from the same state
+    file), DIR/final holds the EMA (not θ), and a stopped + resumed run ends with the same EMA."""
+    from editrl.checkpoint import load_state, unprefixed
+
+    d = 0.6
+    cfg = small_cfg(small_ckpt, algorithm="nft", max_steps=3, ema_decay=d, adv={"group_filter": False})
+    run = tmp_path / "cut"
+    ema_prev = load_tiny(f"tiny:{small_ckpt}").state_dict()
+    for stop in (1, 2, 3):
+        train(cfg, run, log=lambda m: None, stop_at=stop)
+        tensors, meta = load_state(run / "state.safetensors")
+        assert meta["step"] == stop
+        theta, ema = unprefixed(tensors, "model"), unprefixed(tensors, "ema")
+        for k, v in ema.items():
+            if v.is_floating_point():
+                assert torch.allclose(v, d * ema_prev[k] + (1 - d) * theta[k], atol=1e-6), k
+        ema_prev = ema
+    final = load_tiny(f"tiny:{run / 'final'}").state_dict()
+    assert all(torch.equal(final[k], ema_prev[k]) for k in final)
+    assert any(not torch.equal(final[k], theta[k]) for k in final)          # the EMA, not θ
+    # an uninterrupted run writes the same final weights
+    full = train(cfg, tmp_path / "full", log=lambda m: None)
+    again = load_tiny(f"tiny:{full['final']}").state_dict()
+    assert all(torch.equal(again[k], final[k]) for k in final)
+    with pytest.raises(ValueError, match="ema_decay"):
+        small_cfg(small_ckpt, ema_decay=1.0)

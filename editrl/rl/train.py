@@ -23,11 +23,13 @@ The recipe, top to bottom (`train`):
 5. **Loss and update.** Flow-GRPO (`rl.flow_grpo.grpo_loss`, the stored transitions'
    log-probabilities recomputed under θ) or DiffusionNFT (`rl.nft.nft_loss` on freshly
    re-noised outputs, v_old from the old policy); gradient clipping; AdamW; for NFT the old
-   policy follows θ by EMA. A non-finite loss or reward skips the step with a logged reason.
+   policy follows θ by EMA; with `ema_decay` > 0 an evaluation EMA of θ follows it too.
+   A non-finite loss or reward skips the step with a logged reason.
 6. **Log, evaluate, checkpoint.** `metrics.jsonl` (reward per judge, success per turn, masked
    shares, loss stats, KL, clip fraction, grad norm, seconds per phase); every `eval_every`
-   steps the policy is benchmarked on held-out sessions through the benchmark harness
-   (`DIR/eval/step_<n>/results.json`); `DIR/final/model.safetensors` at the end (load it
+   steps the policy (its evaluation EMA when there is one) is benchmarked on held-out
+   sessions through the benchmark harness (`DIR/eval/step_<n>/results.json`); the same
+   weights go to `DIR/final/model.safetensors` at the end (load it
    with `--editor tiny:DIR/final`; LoRA editors write `DIR/final/lora.safetensors`, loaded
    with `--editor flux-kontext:DIR/final` / `qwen-edit:DIR/final`).
 """
@@ -58,6 +60,7 @@ from .advantages import AdvantageConfig, compute_advantages
 from .flow_grpo import grpo_loss, transition_kl
 from . import distributed as D
 from .joint_intent import IntentActor, IntentConfig
+from .ema import ema_export, ema_init, ema_state_update_
 from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
 from .rewards import RewardConfig, RewardPipeline, TrainingSessions, load_reward_judge
 from .rollout import Rollout, grouped_rollout
@@ -114,6 +117,8 @@ class TrainConfig:
     nft_ref_weight: float = 0.0         # λ_ref·‖v_θ − v_ref‖²
     old_decay_max: float = 0.5          # old policy = EMA of θ with decay ramped up to this ...
     old_decay_ramp: float = 20.0        # ... over this many steps
+    ema_decay: float = 0.0              # held-out evaluations and DIR/final use an EMA of θ with this decay,
+                                        # updated after every optimiser step (0 = θ itself; e.g. 0.9-0.99)
     # evaluation and checkpoints
     eval_every: int = 0                 # benchmark the policy every N steps (0 = only at the end)
     eval_sessions: int = 64
@@ -147,6 +152,8 @@ class TrainConfig:
             raise ValueError("nft_sigma_min must be in (0, 1)")
         if self.lr <= 0 or self.clip_range <= 0 or self.nft_beta <= 0:
             raise ValueError("lr, clip_range and nft_beta must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -383,6 +390,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         if main:
             log(f"FSDP: {n_sharded} modules sharded over {W} processes")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+
+    def live_weights() -> dict[str, torch.Tensor]:
+        """θ's full weights (under FSDP every rank gathers its shards)."""
+        return D.full_state(policy.state_dict()) if fsdp else policy.state_dict()
+
+    ema = ema_init(live_weights()) if cfg.ema_decay > 0 else None         # evaluation / export average of θ
+    if resumed is not None and ema is not None:
+        ema = ema_init(unprefixed(resumed[0], "ema"))
     if resumed is not None:
         unflatten_optimizer(opt, resumed[0], resumed[1]["optimizer"])
         if fsdp:
@@ -396,6 +411,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         tensors = {**D.full_state(prefixed(policy.state_dict(), "model")), **D.full_state(opt_t)}
         if old is not None:
             tensors.update(D.full_state(prefixed(old.state_dict(), "old")))
+        if ema is not None:
+            tensors.update(prefixed(ema, "ema"))
         if not main:
             return
         meta = {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta}
@@ -404,6 +421,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             tensors.update(prefixed(intent.policy.state_dict(), "intent"))
             tensors.update(prefixed(iopt_t, "intent_opt"))
         save_state(state_path, tensors, meta)
+
+    def export_weights() -> dict[str, torch.Tensor] | None:
+        """What evaluations and DIR/final hold: the EMA when there is one, else θ's gathered FSDP
+        weights, else None (the policy's own state_dict)."""
+        if ema is not None:
+            return ema_export(ema, live_weights())
+        return D.full_state(policy.state_dict()) if fsdp else None
 
     from .tracking import Tracker, session_strip
     tracker = Tracker(cfg.track if main else "", out, to_dict(cfg), project=cfg.track_project)
@@ -514,11 +538,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         if old is not None and "skipped" not in row:
             ema_update_(old.trainable_parameters(), policy.trainable_parameters(),
                         old_policy_decay(step, cfg.old_decay_max, cfg.old_decay_ramp))
+        if ema is not None and "skipped" not in row:
+            ema_state_update_(ema, live_weights(), cfg.ema_decay)
         opt.zero_grad(set_to_none=True)
         policy.set_training(False)
         t3 = time.time()
         row["time/loss_s"] = round(t_loss, 3)                  # forward + backward of the objective
-        row["time/optim_s"] = round(t_opt + (t3 - tc), 3)      # clipping, AdamW, old-policy EMA
+        row["time/optim_s"] = round(t_opt + (t3 - tc), 3)      # clipping, AdamW, old-policy and evaluation EMAs
         if "skipped" in row:
             log(f"step {step + 1}: skipped ({row['skipped']})")
         step += 1
@@ -527,7 +553,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                     "time/update_s": round(t3 - t2, 3), "elapsed_min": round(elapsed / 60, 3)})
         # 6. evaluate, log, checkpoint
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            weights = D.full_state(policy.state_dict()) if fsdp else None   # FSDP: every rank gathers its shards
+            weights = export_weights()                 # FSDP: every rank gathers its shards
             if main:                                   # rank 0 evaluates the full weights
                 res = evaluate(policy, cfg, out / "eval" / f"step_{step:06d}", log, intent, state=weights)
                 evals[step] = res
@@ -554,11 +580,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     tracker.close()
     final = out / "final"
     summary: dict[str, Any] = {"out": str(out), "steps": step, "rank": R}
-    weights = D.full_state(policy.state_dict()) if fsdp else None      # FSDP: every rank gathers its shards
+    weights = export_weights()                 # FSDP: every rank gathers its shards
     if main:                           # rank 0 writes the final (full) weights and evaluates
         final.mkdir(exist_ok=True)
         policy.save(final / policy.checkpoint_file, extra_meta={
-            "rl_steps": str(step), "rl_algorithm": cfg.algorithm, "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec},
+            "rl_steps": str(step), "rl_algorithm": cfg.algorithm, "rl_minutes": f"{elapsed / 60:.1f}", "rl_init": spec,
+            "rl_ema_decay": str(cfg.ema_decay)},
             state=weights)
         if intent is not None and intent.cfg.train:
             from ..intent.tiny import save_policy
