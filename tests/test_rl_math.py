@@ -367,7 +367,7 @@ def test_all_equal_rewards_give_zero_advantage():
             res = compute_advantages([sess], _cfg(assignment=assignment, fusion=fusion))
             assert torch.equal(res.A, torch.zeros(1, 4, 2))
     res = compute_advantages([sess], _cfg(group_filter=True))
-    assert res.keep.tolist() == [F] and not res.mask.any()
+    assert res.keep.tolist() == [[F, F]] and not res.mask.any()
     assert res.stats["mask/group_filtered_share"] == 1.0 and res.stats["group/filtered_share"] == 1.0
 
 
@@ -688,3 +688,26 @@ def test_weight_ema_closed_form_dtypes_and_errors():
         ema_state_update_(ema, {**s, "w": torch.zeros(3)}, 0.5)
     with pytest.raises(ValueError, match="decay"):
         ema_state_update_(ema, s, 1.5)
+
+
+def test_group_filter_judges_the_cells_advantages_are_normalised_over():
+    """Per-turn assignment filters each (session, turn) cell on its fused turn rewards: a
+    saturated turn 1 is dropped, while turn 2, whose samples differ, is kept — although the
+    trajectory rewards (mean 0.91 >= 0.9) would drop the whole group, as broadcast does."""
+    sess = _session("a", [[(1.0, 1.0), (1.0, 1.0)], [(1.0, 1.0), (0.3, 1.0)],
+                          [(1.0, 1.0), (0.3, 1.0)], [(1.0, 1.0), (1.0, 1.0)]])
+    res = compute_advantages([sess], _cfg(assignment="per_turn", fusion="reward", group_filter=True))
+    assert res.keep.tolist() == [[F, T]]
+    assert not res.mask[0, :, 0].any() and res.mask[0, :, 1].all()
+    assert close(res.A[0, :, 1], norm([1.0, 0.65, 0.65, 1.0]))
+    assert res.stats["group/filtered_share"] == pytest.approx(0.5)
+    assert res.stats["mask/group_filtered_share"] == pytest.approx(0.5)
+    b = compute_advantages([sess], _cfg(fusion="reward", group_filter=True))
+    assert b.keep.tolist() == [[F, F]] and not b.mask.any()
+    # session norm: one decision per session over its 8 pooled turn samples (mean 0.91: dropped)
+    s = compute_advantages([sess], _cfg(assignment="per_turn", per_turn_norm="session", fusion="reward",
+                                        group_filter=True))
+    assert s.keep.tolist() == [[F, F]] and not s.mask.any()
+    s2 = compute_advantages([sess], _cfg(assignment="per_turn", per_turn_norm="session", fusion="reward",
+                                         group_filter=True, group_mean_max=0.95))
+    assert s2.keep.tolist() == [[T, T]] and s2.mask.all()

@@ -246,3 +246,23 @@ def test_evaluation_ema_follows_theta_step_by_step_and_resumes(small_ckpt, tmp_p
     assert all(torch.equal(again[k], final[k]) for k in final)
     with pytest.raises(ValueError, match="ema_decay"):
         small_cfg(small_ckpt, ema_decay=1.0)
+
+
+def test_nft_without_negatives_trains_only_on_positive_advantages(small_ckpt):
+    from editrl.rl.train import nft_update, step_generator
+
+    ed = load_tiny(f"tiny:{small_ckpt}")
+    cfg = small_cfg(small_ckpt, algorithm="nft")
+    sessions = training_sessions(cfg, 0)
+    sources = [render(session_scenes(s)[0]) for s in sessions]
+    ro = grouped_rollout(ed, sessions, sources, G=3, K=2, steps=3, generator=torch.Generator().manual_seed(0))
+    A = torch.tensor([[[1.0, -0.5], [-1.0, 0.0], [0.0, 0.5]], [[0.2, 0.2], [-0.2, -0.2], [0.0, 0.0]]])   # [B, G, K]
+    mask = torch.ones(2, 3, 2, dtype=torch.bool)
+    old = ed.policy_copy()
+    both = nft_update(cfg, ed, old, None, ro, A, mask, step_generator(cfg, 0, 1))
+    ed.net.zero_grad(set_to_none=True)
+    pos_cfg = small_cfg(small_ckpt, algorithm="nft", nft_negatives=False)
+    pos = nft_update(pos_cfg, ed, old, None, ro, A, mask, step_generator(cfg, 0, 1))
+    assert both["nft/samples"] == 12 and pos["nft/samples"] == float((A > 0).sum()) == 4
+    assert pos["nft/r_mean"] > 0.5 > both["nft/r_mean"] - 1e-6
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ed.trainable_parameters())

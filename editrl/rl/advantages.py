@@ -398,7 +398,8 @@ def broadcast(A: Tensor, K: int) -> Tensor:
 
 
 def _per_turn(turn_scores: Tensor, scored: Tensor, valid: Tensor, weights: Tensor, level: str,
-              norm: str, eps: float) -> tuple[Tensor, Tensor]:
+              norm: str, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> A [B,G,K], effective [B,G,K], fused turn reward Σ w̃·score [B,G,K] (NaN where not effective)."""
     _check_choice("level", level, FUSION_LEVELS)
     _check_choice("norm", norm, PER_TURN_NORMS)
     if turn_scores.ndim != 4 or scored.shape != turn_scores.shape or turn_scores.shape[-1] != len(REWARDS):
@@ -407,8 +408,8 @@ def _per_turn(turn_scores: Tensor, scored: Tensor, valid: Tensor, weights: Tenso
     if valid.shape != turn_scores.shape[:3]:
         raise ValueError(f"valid must be [B, G, K] = {tuple(turn_scores.shape[:3])}; got {tuple(valid.shape)}")
     dims = (1,) if norm == "turn" else (1, 2)
-    A, eff, _, _ = _fuse(turn_scores, scored, valid, weights, level, dims, eps)
-    return A, eff  # [B,G,K], [B,G,K]
+    A, eff, _, fused = _fuse(turn_scores, scored, valid, weights, level, dims, eps)
+    return A, eff, fused  # [B,G,K], [B,G,K], [B,G,K]
 
 
 def per_turn_advantages(turn_scores: Tensor, scored: Tensor, valid: Tensor,
@@ -430,8 +431,8 @@ def per_turn_advantages(turn_scores: Tensor, scored: Tensor, valid: Tensor,
                     it enters, then fused.
     Invalid samples, and samples of a cell where no reward enters, get A = 0.
     """
-    A, _ = _per_turn(turn_scores, scored, valid, _weights_tensor(weights, turn_scores.device),
-                     level, norm, eps)
+    A, _, _ = _per_turn(turn_scores, scored, valid, _weights_tensor(weights, turn_scores.device),
+                        level, norm, eps)
     return A  # [B,G,K]
 
 
@@ -462,9 +463,10 @@ def trajectory_filter(A: Tensor, success: Tensor, present: Tensor | None = None)
 def group_filter(R: Tensor, valid: Tensor, std_min: float = 0.05, mean_max: float = 0.9) -> Tensor:
     """Edit-R1 group filtering -> keep [B] bool.
 
-    R [B,G] is the fused scalar trajectory reward on the [0, 1] scale (Σ_m w̃_m·R_m with
-    weights summing to 1 — the same quantity for either fusion level, *not* the
-    advantage); valid [B,G] its members. A group is masked when its population std over
+    R [B,G] is the fused scalar reward on the [0, 1] scale (Σ_m w̃_m·R_m with weights
+    summing to 1 — the same quantity for either fusion level, *not* the advantage) of each
+    member of the group the advantages are normalised over (trajectories for broadcast,
+    the samples of one turn for per-turn assignment); valid [B,G] its members. A group is masked when its population std over
     valid members is <= std_min (too little signal: normalising would amplify noise) or its
     mean is >= mean_max (already solved). A group with no valid member has no statistic
     and is kept (its members are masked by their own judge errors).
@@ -547,7 +549,10 @@ class AdvantageResult:
     rewards:  [B,G,M] per-reward trajectory reward (turn aggregate); NaN where the reward
               never applied or the trajectory has a judge error / missing verdict.
     fused:    [B,G] fused trajectory reward Σ w̃·R in [0, 1]; NaN where not computable.
-    keep:     [B] bool, groups kept by the group filter (all True when it is off).
+    keep:     [B,K] bool, (session, turn) cells kept by the group filter (all True when it is
+              off). Broadcast assignment decides per group on the trajectory rewards (a row is
+              all True or all False); per-turn assignment decides per cell on the fused turn
+              rewards the cell was normalised over (with "session" norm, per session).
     scores:   the per-turn :class:`TurnScores`.
     stats:    scalars for the log (keys below); a key whose value is undefined (e.g. no
               trajectory with that reward) is left out, never written as 0.
@@ -562,7 +567,8 @@ class AdvantageResult:
                               unjudged turn), no_reward (no reward could enter its fusion),
                               group_filtered; plus mask/trained_share. These five sum to 1.
         count/judge_error_turns, count/missing_verdict_turns   raw turn counts
-        group/filtered_share  groups masked by the group filter / B
+        group/filtered_share  cells masked by the group filter / cells with a statistic (groups
+                              for broadcast, (session, turn) cells for per_turn)
         adv/abs_mean          mean |A| over trained turns
     """
 
@@ -606,8 +612,6 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
     A_traj, traj_eff, _, fused = _fuse(R, ~torch.isnan(R), traj_valid, w, cfg.fusion, (1,), cfg.eps)
     # A_traj [B,G], traj_eff [B,G], fused [B,G]
 
-    keep = (group_filter(fused, traj_eff, cfg.group_std_min, cfg.group_mean_max) if cfg.group_filter
-            else torch.ones(B, dtype=torch.bool))  # [B]
 
     # trajectory filter: depends only on success, so it is known before normalising
     if cfg.trajectory_filter:
@@ -620,18 +624,40 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
         err_masked = present & ~traj_valid[..., None]  # [B,G,K]
         traj_masked = after_fail & ~err_masked  # [B,G,K]
         sample_ok = present & traj_eff[..., None] & ~traj_masked  # [B,G,K]
+        # the group filter judges the trajectory rewards the advantages were normalised over
+        keep_g = (group_filter(fused, traj_eff, cfg.group_std_min, cfg.group_mean_max) if cfg.group_filter
+                  else torch.ones(B, dtype=torch.bool))  # [B]
+        keep = keep_g[:, None].expand(B, K).clone()  # [B,K]
+        cells = traj_eff.any(dim=1)[:, None].expand(B, K) & present.any(dim=1)  # [B,K] groups with a statistic
     else:
         # filtered turns are left out of the turn statistics too: their inputs are
         # contaminated, so they are no baseline for the clean ones
         err_masked = err  # [B,G,K]
         traj_masked = after_fail & ~err_masked  # [B,G,K]
-        A, turn_eff = _per_turn(ts.score, scored, present & ~err_masked & ~traj_masked, w,
-                                cfg.fusion, cfg.per_turn_norm, cfg.eps)  # [B,G,K], [B,G,K]
+        A, turn_eff, turn_fused = _per_turn(ts.score, scored, present & ~err_masked & ~traj_masked, w,
+                                            cfg.fusion, cfg.per_turn_norm, cfg.eps)  # [B,G,K] x 3
         sample_ok = turn_eff  # [B,G,K]
+        # the group filter judges the cell the advantages were normalised over: the G samples of
+        # one (session, turn), or all G·K turn samples of a session ("session" norm). Judging
+        # the *trajectory* reward instead would drop exactly the groups whose trajectories
+        # succeed throughout, i.e. every late-turn success.
+        keep = torch.ones(B, K, dtype=torch.bool)  # [B,K]
+        if cfg.per_turn_norm == "turn":
+            cells = turn_eff.any(dim=1)  # [B,K]
+            if cfg.group_filter:
+                for k in range(K):
+                    keep[:, k] = group_filter(torch.nan_to_num(turn_fused[:, :, k]), turn_eff[:, :, k],
+                                              cfg.group_std_min, cfg.group_mean_max)
+        else:
+            cells = turn_eff.any(dim=(1, 2))[:, None].expand(B, K) & present.any(dim=1)  # [B,K]
+            if cfg.group_filter:
+                pooled = torch.nan_to_num(turn_fused).reshape(B, G * K)  # [B,G*K]
+                keep_s = group_filter(pooled, turn_eff.reshape(B, G * K), cfg.group_std_min, cfg.group_mean_max)
+                keep = keep_s[:, None].expand(B, K).clone()  # [B,K]
     no_reward = present & ~err_masked & ~traj_masked & ~sample_ok  # [B,G,K]
-    group_masked = sample_ok & ~keep[:, None, None]  # [B,G,K]
+    group_masked = sample_ok & ~keep[:, None, :]  # [B,G,K]
 
-    mask = sample_ok & keep[:, None, None]  # [B,G,K]
+    mask = sample_ok & keep[:, None, :]  # [B,G,K]
     A = torch.where(mask, A, torch.zeros_like(A))  # [B,G,K]
     if cfg.adv_clip is not None:
         A = A.clamp(-cfg.adv_clip, cfg.adv_clip)  # [B,G,K]
@@ -659,7 +685,8 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
             stats[f"mask/{key}_share"] = float(t.sum()) / n_present
     stats["count/judge_error_turns"] = float(err.sum())
     stats["count/missing_verdict_turns"] = float((ts.missing & present).sum())
-    stats["group/filtered_share"] = float((~keep).sum()) / B
+    if bool(cells.any()):   # broadcast: share of groups; per_turn: of (session, turn) cells (session norm: of sessions)
+        stats["group/filtered_share"] = float((cells & ~keep).sum()) / float(cells.sum())
     if bool(mask.any()):
         stats["adv/abs_mean"] = float(A[mask].abs().mean())
 

@@ -115,6 +115,8 @@ class TrainConfig:
     nft_sigma_min: float = 0.05         # re-noising σ ~ U(nft_sigma_min, 1)
     nft_shared_noise: bool = True       # one re-noising (σ, ε) per group and turn (common random numbers)
     nft_ref_weight: float = 0.0         # λ_ref·‖v_θ − v_ref‖²
+    nft_negatives: bool = True          # also train on samples with A < 0 (false: only A > 0 enter the loss, a
+                                        # filtered self-imitation that pulls toward good samples and pushes nothing)
     old_decay_max: float = 0.5          # old policy = EMA of θ with decay ramped up to this ...
     old_decay_ramp: float = 20.0        # ... over this many steps
     ema_decay: float = 0.0              # held-out evaluations and DIR/final use an EMA of θ with this decay,
@@ -213,7 +215,8 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
     micro-batches to the largest per-rank count (see `_padded`)."""
     B, G, K = A.shape
     r_all = optimality_weight(A, cfg.adv.adv_clip or 5.0)                             # [B, G, K]
-    rows = [(k, i) for k in range(K) for i in range(B * G) if bool(mask.view(B * G, K)[i, k])]
+    keep = mask if cfg.nft_negatives else mask & (A > 0)                             # [B, G, K]
+    rows = [(k, i) for k in range(K) for i in range(B * G) if bool(keep.reshape(B * G, K)[i, k])]
     n = len(rows)
     stats: dict[str, float] = {"nft/samples": float(n)}
     scale = scale_fn(n) if scale_fn is not None else 1.0
