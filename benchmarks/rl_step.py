@@ -6,7 +6,8 @@ with a 3-step SDE window) it runs `editrl.rl.train.train` for warm-up + N steps 
 and reads the per-phase times from metrics.jsonl. Then it times the passes that step cannot
 avoid, with the same batch sizes:
 
-* rollout: K turns x (text encoding + T net forwards) at batch B*G, no gradient;
+* rollout: K turns x (text encoding + T net forwards) at batch B*G, no gradient, with the
+  instructions of the timed run's sessions turn by turn (longer texts cost more attention);
 * update, NFT: per trained sample one old-policy forward (no gradient) + one forward and
   backward of θ, in minibatches of `minibatch`;
 * update, GRPO: per stored in-window transition one forward and backward of θ;
@@ -49,15 +50,16 @@ def timed(fn, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def unavoidable_rollout(ed, n: int, K: int, T: int, texts: list[str]) -> float:
-    """K x (encode + T forwards) at batch n, no gradient."""
+def unavoidable_rollout(ed, n: int, K: int, T: int, texts_by_turn: list[list[str]]) -> float:
+    """K x (encode + T forwards) at batch n, no gradient, with each turn's real instructions
+    (their token count sets the cross-attention cost)."""
     src = torch.rand(n, 3, ed.cfg.canvas, ed.cfg.canvas) * 2 - 1
     sig = ed.sigmas(T)
 
     @torch.no_grad()
     def run():
-        for _ in range(K):
-            cond = ed.encode(src, texts[:n], [[] for _ in range(n)])
+        for k in range(K):
+            cond = ed.encode(src, texts_by_turn[k][:n], [[] for _ in range(n)])
             x = torch.randn_like(src)
             for i in range(T):
                 ed.velocity(x, sig[i].expand(n), cond)
@@ -94,8 +96,8 @@ def unavoidable_update(ed, frozen: list, n_samples: int, minibatch: int, texts: 
 def run_variant(name: str, overrides: dict, args) -> dict:
     from editrl.config import load_config
     from editrl.editors import load_editor
-    from editrl.rl.train import TrainConfig, train
-    from editrl.world.grammar import GrammarConfig, sample_session
+    from editrl.rl.train import TrainConfig, train, training_sessions
+    from editrl.rollout import turn_texts
 
     base = {"sessions_per_step": args.sessions, "group": args.group, "turns": args.turns, "rollout_steps": args.T,
             "max_steps": args.steps + 1, "eval_every": 0, "final_eval": False, "ckpt_every": 10_000,
@@ -110,9 +112,14 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     step = sum(phases.values())
     ed = load_editor(args.editor)
     old = load_editor(args.editor)
-    texts = [sample_session(99, i, GrammarConfig(turns=1)).turns[0].explicit for i in range(max(args.sessions * args.group, 64))]
+    # the instructions the timed steps rolled out, turn by turn (G copies of each session's)
+    sessions = training_sessions(cfg, 1)
+    by_turn = [[turn_texts(s, k, cfg.form)[0] for s in sessions for _ in range(cfg.group)] for k in range(1, cfg.turns + 1)]
+    pooled = [x for turn in by_turn for x in turn]
+    want = max(64, cfg.minibatch)                       # update minibatches: instructions of every turn
+    texts = (pooled[:: max(1, len(pooled) // want)] * want)[:want]
     n_roll = args.sessions * args.group
-    t_roll = unavoidable_rollout(ed, n_roll, args.turns, args.T, texts)
+    t_roll = unavoidable_rollout(ed, n_roll, args.turns, args.T, by_turn)
     needs_ref = cfg.kl_beta > 0 or cfg.nft_ref_weight > 0
     if cfg.algorithm == "nft":
         n_train = float(np.mean([r.get("nft/samples", 0.0) for r in rows]))
