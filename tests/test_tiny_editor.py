@@ -142,7 +142,8 @@ def test_save_load_round_trip_and_pickle_refused(tmp_path):
 
 @pytest.mark.parametrize("extra", [dict(top_self_attn=False), dict(top_self_heads=1),
                                    dict(stem_hidden=24, head_hidden=40, top_self_heads=1),
-                                   dict(head_skip="input"), dict(head_skip="source", head_hidden=40)])
+                                   dict(head_skip="input"), dict(head_skip="source", head_hidden=40),
+                                   dict(head_form="gated"), dict(head_form="gated", head_skip="source", head_hidden=40)])
 def test_architecture_options_round_trip(tmp_path, extra):
     cfg = TinyConfig(**{**SMALL.__dict__, **extra})
     torch.manual_seed(0)
@@ -371,7 +372,8 @@ def test_shipped_checkpoint_loads_and_edits():
     assert out[0].shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(head_skip="input"), dict(head_skip="source"), dict(head_skip="input", stem_hidden=24, head_hidden=40)])
+@pytest.mark.parametrize("extra", [dict(), dict(head_skip="input"), dict(head_skip="source"), dict(head_skip="input", stem_hidden=24, head_hidden=40),
+                                   dict(head_skip="source", head_form="gated", head_hidden=40)])
 def test_source_features_split_matches_the_concatenated_layers_and_the_cache_is_exact(extra):
     """The stem's and head's first 1x1 layers over [x patch, source patch] are computed as
     x part + cached source part: equal (to rounding) to the layer over the concatenation, and
@@ -406,3 +408,45 @@ def test_source_features_split_matches_the_concatenated_layers_and_the_cache_is_
     a = net(x, sigma, src, text, mask, pooled)
     b = net(x, sigma, src, net.text_cache(text), mask, pooled, (stem_s, head_s))
     assert torch.equal(a, b)
+
+
+def test_gated_head_closed_form_and_initial_copy():
+    """head_form=gated: x̂0 = source + sigmoid(g) ⊙ (c − source) with the head's outputs split
+    into content (3f² per patch) and gate (f² per patch, shared by R, G, B); at initialisation
+    it is nearly a copy of the source (gate sigmoid(−3) ≈ 0.047 towards c = 0)."""
+    import torch.nn.functional as F
+    from editrl.editors.tiny import GATE_INIT_BIAS
+    cfg = TinyConfig(**{**SMALL.__dict__, "head_form": "gated", "head_hidden": 24})
+    torch.manual_seed(0)
+    net = TinyEditor(cfg).net
+    f = cfg.fold
+    src, x = torch.rand(2, 3, cfg.canvas, cfg.canvas) * 2 - 1, torch.randn(2, 3, cfg.canvas, cfg.canvas)
+    ids = torch.tensor([[3, 4, 5], [3, 6, 0]])
+    mask = ids != 0
+    text, pooled = net.encode_text(ids, mask)
+    sigma = torch.tensor([0.3, 0.8])
+    g0 = torch.sigmoid(torch.tensor(GATE_INIT_BIAS))
+    torch.testing.assert_close(net(x, sigma, src, text, mask, pooled), (1 - g0) * src)
+    # with random weights: recompute the composite from the head's raw outputs
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    raw = {}
+    net.out[-1].register_forward_hook(lambda m, i, o: raw.setdefault("out", o))
+    x0 = net(x, sigma, src, text, mask, pooled)
+    out = raw["out"]                                                         # [B, 4f², 16, 16]
+    assert out.shape[1] == 4 * f * f
+    c = F.pixel_shuffle(out[:, : 3 * f * f], f)
+    g = torch.sigmoid(F.pixel_shuffle(out[:, 3 * f * f:], f))
+    torch.testing.assert_close(x0, src + g * (c - src))
+    # where the gate is closed the output is the source exactly, whatever the content
+    with torch.no_grad():
+        net.out[-1].bias[3 * f * f:] = -1e4
+    torch.testing.assert_close(net(x, sigma, src, text, mask, pooled), src, rtol=0, atol=1e-6)
+
+
+def test_checkpoints_without_head_form_load_as_residual():
+    d = json.loads(SMALL.to_json())
+    d.pop("head_form")
+    assert TinyConfig.from_json(json.dumps(d)).head_form == "residual"
+    with pytest.raises(ValueError, match="head_form"):
+        TinyEditor(TinyConfig(**{**SMALL.__dict__, "head_form": "mixed"}))

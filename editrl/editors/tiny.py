@@ -6,6 +6,9 @@
   source + Δ, unfolded by pixel-shuffle) and the velocity follows analytically,
   v = (x_σ − x̂0)/σ ("x-prediction"): a 32-channel working width cannot carry the 48 noise
   values of each 4x4 patch that a v- or ε-predicting net would have to reproduce.
+  With `head_form: gated` (the shipped net since v9) the head writes a per-pixel gate g and a
+  content image c instead of Δ, x̂0 = source + g ⊙ (c − source): pixels the edit leaves alone
+  are copied exactly (g ≈ 0), and erasing is a coarse gate over a flat background colour.
 - Text: a word-level tokenizer over the ShapesWorld vocabulary (an unknown word is a clear
   error) and a 2-layer transformer encoder; the UNet reads it by cross-attention and a
   pooled FiLM vector added to the σ embedding.
@@ -98,6 +101,8 @@ class Tokenizer:
 
 
 HEAD_SKIPS = ("none", "source", "input")
+HEAD_FORMS = ("residual", "gated")
+GATE_INIT_BIAS = -3.0   # gated head at init: x̂0 = source + 0.047·(0 − source), nearly a copy
 
 
 @dataclass
@@ -116,6 +121,7 @@ class TinyConfig:
     stem_hidden: int = 0                   # per-patch MLP width of the input stem (0 = one linear map)
     head_hidden: int = 0                   # per-patch MLP width of the output head (0 = one linear map)
     head_skip: str = "none"                # the head also reads the raw patch of: none | source | input (x_σ and source)
+    head_form: str = "residual"            # x̂0 = source + Δ (residual) | source + g ⊙ (c − source) (gated, per-pixel gate)
     vocab: tuple[str, ...] = WORDS
 
     def to_json(self) -> str:
@@ -131,6 +137,7 @@ class TinyConfig:
         d["channels"] = tuple(d["channels"])
         d["blocks"] = tuple(d["blocks"])
         d["vocab"] = tuple(d["vocab"])
+        d.setdefault("head_form", "residual")      # checkpoints written before the option existed
         return TinyConfig(**d)
 
 
@@ -258,6 +265,15 @@ class TinyEditNet(nn.Module):
         # source's exact per-pixel shape mask, which 32 features of a 96-value patch blur.
         if cfg.head_skip not in HEAD_SKIPS:
             raise ValueError(f"head_skip must be one of {', '.join(HEAD_SKIPS)}, got {cfg.head_skip!r}")
+        # `head_form: gated` writes x̂0 = source + g ⊙ (c − source), with a per-pixel gate g ∈ (0, 1)
+        # and content c, instead of a residual Δ: erasing an object (remove, position) is then a
+        # coarse gate over its neighbourhood and a flat background colour in c, where a residual
+        # has to reproduce −source on exactly the object's pixels (its misses are the "faint
+        # remnants" that fail the judge). The gate is shared by the three colour channels.
+        if cfg.head_form not in HEAD_FORMS:
+            raise ValueError(f"head_form must be one of {', '.join(HEAD_FORMS)}, got {cfg.head_form!r}")
+        if cfg.head_form == "gated":
+            pout += f * f
         hin = ch[0] + {"none": 0, "source": pin // 2, "input": pin}[cfg.head_skip]
         self.out = (nn.Conv2d(hin, pout, 1) if not cfg.head_hidden else
                     nn.Sequential(nn.Conv2d(hin, cfg.head_hidden, 1), nn.SiLU(), nn.Conv2d(cfg.head_hidden, pout, 1)))
@@ -265,6 +281,9 @@ class TinyEditNet(nn.Module):
         last = self.out if isinstance(self.out, nn.Conv2d) else self.out[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+        if cfg.head_form == "gated":
+            with torch.no_grad():
+                last.bias[3 * f * f:] = GATE_INIT_BIAS
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         h = self.tok(ids) + self.pos[: ids.shape[1]]                                  # [B, L, D]
@@ -332,7 +351,12 @@ class TinyEditNet(nn.Module):
                 pre = pre + F.conv2d(xp, w[:, c0:c0 + n])
         else:
             pre = self._first(self.out)(h)
-        delta = F.pixel_shuffle(self._rest(self.out, pre), f)                         # [B, 3, 64, 64]
+        out = self._rest(self.out, pre)                                               # [B, pout, 16, 16]
+        if self.cfg.head_form == "gated":
+            c = F.pixel_shuffle(out[:, : 3 * f * f], f)                               # [B, 3, 64, 64]
+            g = torch.sigmoid(F.pixel_shuffle(out[:, 3 * f * f:], f))                 # [B, 1, 64, 64]
+            return source + g * (c - source)                                          # x̂0: the source, gated towards c
+        delta = F.pixel_shuffle(out, f)                                               # [B, 3, 64, 64]
         return source + delta                                                         # x̂0: an edit of the source
 
 
