@@ -253,6 +253,21 @@ def _owner_table(bg_idx: int, present: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=256)
+def _t_table(bg_idx: int, present: tuple[int, ...], n: int) -> np.ndarray | None:
+    """`_line_positions` of a pixel of each palette colour in an image of n pixels, [Pp, P],
+    read-only; None when a colour's value depends on the pixel's place in the image (the
+    matrix product may round differently in different blocks), checked here on an image of
+    n pixels holding every colour at every place modulo P."""
+    flat = np.resize(_PAL, (n, 3))                                              # pixel j: colour j % P
+    t = _line_positions(flat, bg_idx, list(present))[0]                         # [Pp, n]
+    table = np.ascontiguousarray(t[:, :len(_PAL)])
+    if n < len(_PAL) or not np.array_equal(t, table[:, np.arange(n) % len(_PAL)]):
+        return None
+    table.flags.writeable = False
+    return table
+
+
 def _median_rgb(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
     """np.median(x[sel], axis=0) for x = img / 255 in float32, from per-channel histograms
     (the median of 8-bit values is one of 256 levels; an even count averages two in float32)."""
@@ -356,15 +371,14 @@ def _bank(canvas: int) -> _Bank:
 
 def _classify(filled: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int],
                                                      tuple[float, float]]],
-              tplanes: list[np.ndarray], canvas: int) -> list[tuple[str | None, str | None, str | None, float]]:
-    """(shape, size, fill, IoU) of each hole-filled component, `filled` [N, h, w]: plane i
-    holds component i's `tight` box (x0, y0, x1, y1 exclusive: the bounding box + 1 px) at
-    its top left; `boxes[i]` = (tight box, crop window around it (bounding box + pad) that the
-    templates are clipped to, box centre). Shape and size: the best IoU (the first on ties)
-    against the solid template of each (shape, size) placed at the box centre; fill from
-    `tplanes[i]` [H, W] (per-pixel position on the background->colour line, 0 = background,
-    1 = object colour) averaged over the template's hole: a blurred small hole still reads
-    well below 1, while palette snapping would fill it in.
+              canvas: int) -> list[tuple[int | None, float, tuple | None]]:
+    """(kind, IoU, hole) of each hole-filled component, `filled` [N, h, w]: plane i holds
+    component i's `tight` box (x0, y0, x1, y1 exclusive: the bounding box + 1 px) at its top
+    left; `boxes[i]` = (tight box, crop window around it (bounding box + pad) that the
+    templates are clipped to, box centre). Kind: the index in `_KINDS` of the best IoU (the
+    first on ties) against the solid template of each (shape, size) placed at the box centre,
+    None below MIN_IOU. Hole: where the fill is read (`_fill`), as (row slice, column slice,
+    mask) of the image: the best template's hole within the window; None when that is empty.
 
     A component lies inside its bounding box, so its intersections and area need only the
     tight box; a template's area counts what lies inside the window. All are exact integers,
@@ -392,13 +406,22 @@ def _classify(filled: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], t
     out = []
     for i, (k, iou) in enumerate(zip(ious.argmax(1).tolist(), ious.max(1).tolist())):   # the first best
         if iou == 0.0 or iou < MIN_IOU:
-            out.append((None, None, None, iou))
+            out.append((None, iou, None))
             continue
         g, gx, gy, a, b, e, f = placed[i]
-        inside = tplanes[i][a + gy:b + gy, e + gx:f + gx][bank.holes[g, k, a:b, e:f]]
-        level = _mean32(inside) if len(inside) else 1.0
-        out.append((*_KINDS[k], "solid" if level > HOLLOW_LEVEL else "hollow", iou))
+        hole = bank.holes[g, k, a:b, e:f]
+        out.append((k, iou, (slice(a + gy, b + gy), slice(e + gx, f + gx), hole) if hole.any() else None))
     return out
+
+
+def _fill(tplane: np.ndarray, hole: tuple | None) -> str:
+    """Fill from `tplane` [H, W] (per-pixel position on the background->colour line, 0 =
+    background, 1 = object colour) averaged over the template's `hole` (from `_classify`):
+    a blurred small hole still reads well below 1, while palette snapping would fill it in."""
+    if hole is None:
+        return "solid"                                  # no hole pixel in the window: level 1
+    rows, cols, mask = hole
+    return "solid" if _mean32(tplane[rows, cols][mask]) > HOLLOW_LEVEL else "hollow"
 
 
 def _components(members: np.ndarray, margin: int) -> tuple[np.ndarray, list, np.ndarray, list]:
@@ -448,14 +471,16 @@ def _close3(cuts: list[np.ndarray]) -> np.ndarray:
     return closed
 
 
-def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geometry) -> list[Detection]:
-    """Objects from each colour's pixels, members [Pp, H, W], and the line positions t [Pp, HW]:
-    per colour, mend 1-px breaks (3x3 closing), then every 8-connected component of at least
-    `min_area` px, colour by colour in raster order."""
-    _, H, W = members.shape
+def _structures(members: np.ndarray, geom: Geometry) -> list[list[tuple]]:
+    """Objects from each colour's pixels, members [Pp, H, W], all but their fill: per colour,
+    mend 1-px breaks (3x3 closing), then every 8-connected component of at least `min_area`
+    px in raster order, as (bbox, centre, area, cell, kind, IoU, hole, mask) (`_classify`).
+    A colour's list depends on its own plane alone (the planes are labelled without links)."""
+    n_colours, H, W = members.shape
     min_area = max(4, int(15 * geom.scale ** 2))
     pad = int(round(3 * geom.scale))
     off_grid = 3 * geom.scale
+    per: list[list[tuple]] = [[] for _ in range(n_colours)]
     comps, slices, sizes, origins = _components(members, 2)   # holds each component's box + 1 px
     found = []                                          # (label, colour, box, crop window, tight box)
     for k, (pc, ys, xs) in enumerate(slices, start=1):
@@ -471,15 +496,14 @@ def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geome
         tight = (max(X0, x0 - 1), max(Y0, y0 - 1), min(X1, x1 + 2), min(Y1, y1 + 2))
         found.append((k, pc, (x0, y0, x1, y1), (X0, Y0, X1, Y1), tight))
     if not found:
-        return []
+        return per
     crops = np.zeros((len(found), max(b[3] - b[1] for *_, b in found), max(b[2] - b[0] for *_, b in found)), bool)
     for i, (k, pc, _, _, (tx0, ty0, tx1, ty1)) in enumerate(found):             # [N, h, w]; each in its cut
         r0, c0 = origins[pc]
         np.equal(comps[pc, ty0 - r0:ty1 - r0, tx0 - c0:tx1 - c0], k, out=crops[i, :ty1 - ty0, :tx1 - tx0])
     boxes = [(tight, window, ((x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0)) for _, _, (x0, y0, x1, y1), window, tight in found]
-    kinds = _classify(_fill_holes(crops), boxes, [t[pc].reshape(H, W) for _, pc, *_ in found], geom.canvas)
-    out = []
-    for i, ((k, pc, bbox, _, (tx0, ty0, tx1, ty1)), (_, _, (cx, cy)), (shape, size, fill, iou)) in enumerate(zip(found, boxes, kinds)):
+    kinds = _classify(_fill_holes(crops), boxes, geom.canvas)
+    for i, ((k, pc, bbox, _, (tx0, ty0, tx1, ty1)), (_, _, (cx, cy)), (kind, iou, hole)) in enumerate(zip(found, boxes, kinds)):
         cell = geom.cell_of(cx, cy)
         if cell is not None:
             ccx, ccy = geom.center(cell)
@@ -487,8 +511,49 @@ def _objects(members: np.ndarray, t: np.ndarray, present: list[int], geom: Geome
                 cell = None  # off the grid
         full = np.zeros((H, W), bool)
         full[ty0:ty1, tx0:tx1] = crops[i, :ty1 - ty0, :tx1 - tx0]
-        out.append(Detection(COLORS_NAMES[present[pc]], shape, size, fill, cell, (cx, cy), bbox, int(sizes[k]), iou, full))
+        per[pc].append((bbox, (cx, cy), int(sizes[k]), cell, kind, iou, hole, full))
+    return per
+
+
+def _detections(per: list[list[tuple]], tplane, present: list[int], copy: bool) -> list[Detection]:
+    """Detections from `_structures`, colour by colour; `tplane(pc)` gives colour pc's line
+    positions [H, W], read only where a fill is decided. `copy`: the masks are shared (cached)."""
+    out = []
+    for pc, found in enumerate(per):
+        color, plane = COLORS_NAMES[present[pc]], None
+        for bbox, center, area, cell, kind, iou, hole, mask in found:
+            shape = size = fill = None
+            if kind is not None:
+                shape, size = _KINDS[kind]
+                if hole is not None and plane is None:
+                    plane = tplane(pc)
+                fill = _fill(plane, hole)
+            out.append(Detection(color, shape, size, fill, cell, center, bbox, area, iou, mask.copy() if copy else mask))
     return out
+
+
+_STRUCTURES: dict[tuple, list[tuple]] = {}     # clean renders: (canvas, size, plane bits) -> one colour's list
+_STRUCTURES_MAX = 4096
+
+
+def _clean_structures(members: np.ndarray, geom: Geometry) -> list[list[tuple]]:
+    """`_structures` of a clean render's planes, remembered per plane: a colour's list depends
+    on nothing but its plane, and ground-truth renders repeat planes (an object that a turn
+    leaves alone, the same object in another session). Misses are computed together."""
+    n_colours, H, W = members.shape
+    bits = np.packbits(members.reshape(n_colours, -1), axis=1)                  # [Pp, HW / 8]
+    keys = [(geom.canvas, H, row.tobytes()) for row in bits]
+    hits = [_STRUCTURES.get(key) for key in keys]
+    if all(h is not None for h in hits):
+        return hits
+    per = _structures(members, geom)
+    for key, found in zip(keys, per):
+        for entry in found:
+            entry[-1].flags.writeable = False
+        if len(_STRUCTURES) >= _STRUCTURES_MAX:
+            del _STRUCTURES[next(iter(_STRUCTURES))]                            # the oldest
+        _STRUCTURES[key] = found
+    return per
 
 
 # ------------------------------------------------------------------------ residue
@@ -538,16 +603,17 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
         raise ValueError(f"expected a square image, got {W}x{H}")
     canvas = canvas or H
     geom = Geometry(canvas)
-    x = img.astype(np.float32) / 255.0                                                 # [H, W, 3]
-    flat = x.reshape(-1, 3)                                                            # [HW, 3]
     border = _border(H, max(1, int(round(geom.margin))))
     n_pal = len(PALETTE_NAMES)
     entry = _palette_index(img) if _SEPARATED and _CLEAR_OWNERS else None            # [HW] or None
+    x = flat = None                                                                    # [H, W, 3], [HW, 3] when needed
     if entry is not None:
         # a clean render: each pixel is its own nearest entry, at distance ~0
         bg_idx = int(np.bincount(entry.take(border), minlength=n_pal).argmax())
         confident = np.bincount(entry, minlength=n_pal)
     else:
+        x = img.astype(np.float32) / 255.0
+        flat = x.reshape(-1, 3)
         d = _distances(flat)                                                           # [P, HW]
         bg_idx = int(np.bincount(np.take(d, border, axis=1).argmin(0), minlength=n_pal).argmax())
         if _SEPARATED:      # a pixel within PRESENT_DISTANCE of an entry has it as its nearest
@@ -566,12 +632,21 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
         # of the object it belongs to, blurred edges included. It goes to the line it is closest
         # to, and to that colour when past the line's midpoint. (Nearest palette point is not
         # enough: a blue/white blend is nearer purple than blue or white.)
-        t, rel, axes = _line_positions(flat, bg_idx, present)
         if entry is not None:   # owners decided once per palette colour (_CLEAR_OWNERS)
             members = np.take(_owner_table(bg_idx, tuple(present)), entry, axis=1)
+            table = _t_table(bg_idx, tuple(present), H * W)                         # [Pp, P] or None
+            if table is None:
+                t = _line_positions(img.astype(np.float32).reshape(-1, 3) / 255.0, bg_idx, present)[0]
+                tplane = lambda pc: t[pc].reshape(H, W)                              # noqa: E731
+            else:
+                tplane = lambda pc: table[pc].take(entry).reshape(H, W)              # noqa: E731
+            per = _clean_structures(members.reshape(-1, H, W), geom)
+            objects = _detections(per, tplane, present, copy=True)
         else:
+            t, rel, axes = _line_positions(flat, bg_idx, present)
             members = _owners(t, rel, axes)
-        objects = _objects(members.reshape(-1, H, W), t, present, geom)
+            per = _structures(members.reshape(-1, H, W), geom)
+            objects = _detections(per, lambda pc: t[pc].reshape(H, W), present, copy=False)
 
     # residue: deviation from the image's own background colour, away from objects
     k_near, k_away = max(1, int(round(2 * geom.scale))), max(1, int(round(3 * geom.scale)))
@@ -596,6 +671,8 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
         if not (masks[0] & ~near_objects).any():
             # 0 / n_region: a numpy float like the count below
             return Parsed(background, objects, [], np.intp(0) / n_region if n_region else 0.0, canvas)
+    if x is None:
+        x = img.astype(np.float32) / 255.0
     bg_rgb = _median_rgb(img, free if free.any() else np.ones_like(free))
     d0, d1, d2 = _box3(np.ascontiguousarray(x.transpose(2, 0, 1)) - bg_rgb[:, None, None])   # [3, H, W]
     dev = np.sqrt((d0 * d0 + d1 * d1) + d2 * d2)                                       # [H, W]
