@@ -858,3 +858,33 @@ def test_run_check_reports_perfect_judge():
 def test_run_check_degraded_small():
     r = run_check(12, 4, degrade_images=True, workers=1)
     assert r["gt_pass_rate"] == 1.0 and r["perturbation_detect_rate"] == 1.0, (r["gt_failures"], r["missed"])
+
+
+def test_clean_render_memory_and_position_table_are_exact(monkeypatch):
+    """The clean path's per-plane memory and line-position table: a repeated parse (planes
+    remembered), a fresh one (memory emptied) and the general path give the same result, and
+    the remembered masks are not the ones handed out."""
+    import editrl.world.parse as P
+
+    images = [img for _, img in _palette_exact_images()[::3]]
+    assert P._t_table(6, (0, 1, 2, 3, 4, 5), 64 * 64) is not None   # the table is in use here
+    P._STRUCTURES.clear()
+    first = [parse(img) for img in images]
+    again = [parse(img) for img in images]
+    P._STRUCTURES.clear()
+    monkeypatch.setattr(P, "_palette_index", lambda img: None)
+    general = [parse(img) for img in images]
+
+    def fields(p):
+        return (p.background, p.texture_fraction, p.canvas,
+                [(d.color, d.shape, d.size, d.fill, d.cell, d.center, d.bbox, d.area, d.iou, d.mask.tobytes()) for d in p.objects],
+                [(r.cell, r.center, r.area, r.peak, r.mask.tobytes()) for r in p.residue])
+
+    for a, b, c in zip(first, again, general):
+        assert fields(a) == fields(b) == fields(c)
+        assert all(d.mask.flags.writeable for d in a.objects + b.objects)
+    monkeypatch.undo()
+    P._STRUCTURES.clear()
+    i = next(i for i, p in enumerate(first) if p.objects)
+    parse(images[i]).objects[0].mask[:] = True      # a caller's change does not reach the memory
+    assert fields(parse(images[i])) == fields(general[i])

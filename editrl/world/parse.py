@@ -24,12 +24,17 @@ hole-filled as one stack (each cut to its box + 1 px) and scored against the tem
 templates are built once per canvas. Every step yields the same values, to the bit, as the
 direct formulation (`_reference_parse` in tests/test_world.py).
 
-Two exact shortcuts serve clean renders (every pixel exactly a palette colour, as in
+Exact shortcuts serve clean renders (every pixel exactly a palette colour, as in
 ground-truth outputs): the snap is a table lookup, and a pixel's blend-line owner depends
 only on its colour, so it is decided once per colour; and when every pixel near the
 residue region is the background colour itself, the smoothed deviation there is zero up
 to rounding (far below any threshold), so the 3x3 filter is skipped. Both rest on margins of
 the palette's geometry that are checked when this module is imported (`_margins_ok`).
+A pixel's blend-line position is then also a function of its colour, read from a table
+(`_t_table`, checked to equal the image-wide product at every pixel place). Finally, a
+colour's objects, all but their fill, depend on nothing but that colour's owner plane, and
+clean renders repeat planes (objects a turn leaves alone), so they are remembered per plane
+(`_clean_structures`); only the fills are read from each image.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
+
+try:    # ndimage.label's own work, without its argument checks (a third of a small call's time)
+    from scipy.ndimage._ni_label import _label as _ni_label
+except ImportError:     # pragma: no cover - another scipy layout
+    _ni_label = None
 
 from .render import shape_mask
 from .scene import BACKGROUNDS, COLORS, SHAPES, SIZES, Geometry
@@ -165,6 +175,14 @@ def _mean32(v: np.ndarray) -> float:
     return float(np.float32(float(np.add.reduce(v)) / len(v)))
 
 
+def _label(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
+    """ndimage.label(mask, structure) of a non-empty bool array (int32 labels)."""
+    if _ni_label is None:
+        return ndimage.label(mask, structure=structure)
+    out = np.empty(mask.shape, np.int32)
+    return out, _ni_label(mask, structure, out)
+
+
 @lru_cache(maxsize=16)
 def _border(size: int, ring: int) -> np.ndarray:
     """Flat indices of the `ring`-px border of a size x size image (corners twice)."""
@@ -188,7 +206,9 @@ def _palette_index(img: np.ndarray) -> np.ndarray | None:
     (a clean render), else None: its (red, green) and its (green, blue) bytes, read as
     uint16, must both name that entry."""
     img = np.ascontiguousarray(img)
-    n = img.size // 3
+    n, w = img.size // 3, img.shape[1]
+    if _RG_ENTRY.take(np.ndarray((w,), "<u2", img, 0, (3,))).max() == 255:
+        return None                                     # the first row already is not: most model outputs
     entry = _RG_ENTRY.take(np.ndarray((n,), "<u2", img, 0, (3,)))              # [HW]
     if entry.max() == 255 or not np.array_equal(entry, _GB_ENTRY.take(np.ndarray((n,), "<u2", img, 1, (3,)))):
         return None
@@ -313,7 +333,7 @@ def _fill_holes(stack: np.ndarray) -> np.ndarray:
     """ndimage.binary_fill_holes of every plane of [N, h, w] (background not 4-connected to
     the plane's edge becomes foreground), in one labelling. A mask smaller than its plane
     sits at the top left with background padding, which reaches the plane's edge."""
-    regions, n = ndimage.label(~stack, structure=_STACK_CROSS)
+    regions, n = _label(~stack, _STACK_CROSS)
     open_ = np.zeros(n + 1, bool)
     open_[0] = True                                     # the masks themselves
     for edge in (regions[:, 0], regions[:, -1], regions[:, :, 0], regions[:, :, -1]):
@@ -443,7 +463,7 @@ def _components(members: np.ndarray, margin: int) -> tuple[np.ndarray, list, np.
         c0, c1 = max(0, int(cols[0]) - margin), min(W, int(cols[-1]) + margin + 1)
         cuts.append(members[p, r0:r1, c0:c1])
         origins.append((r0, c0))
-    comps, _ = ndimage.label(_close3(cuts), structure=_STACK_SQUARE)
+    comps, _ = _label(_close3(cuts), _STACK_SQUARE)
     return comps, ndimage.find_objects(comps), np.bincount(comps.ravel()), origins
 
 
@@ -575,7 +595,7 @@ def _residue(cand: np.ndarray, dev: np.ndarray, geom: Geometry) -> list[Residue]
     min_blob = max(4, int(8 * geom.scale ** 2))
     if not _may_hold_blob(cand):                        # min_blob >= 4
         return []
-    comps, n = ndimage.label(cand, structure=_SQUARE)
+    comps, _ = _label(cand, _SQUARE)
     sizes = np.bincount(comps.ravel())
     big = (np.flatnonzero(sizes[1:] >= min_blob) + 1).tolist()
     if not big:
