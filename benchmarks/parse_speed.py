@@ -33,7 +33,7 @@ from editrl.world.render import degrade, render
 from editrl.world.verify import judge_parsed
 
 ROOT = Path(__file__).resolve().parent.parent
-BASELINE = "dadc49a"     # the last revision before the session-6 parse work
+BASELINE = "dadc49a"     # the parser before the clean-render tables, the per-plane memory and direct labelling
 
 
 def load_baseline(rev: str):
