@@ -431,8 +431,9 @@ def test_gated_head_closed_form_and_initial_copy():
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     raw = {}
-    net.out[-1].register_forward_hook(lambda m, i, o: raw.setdefault("out", o))
+    hook = net.out[-1].register_forward_hook(lambda m, i, o: raw.update(out=o))   # returns None: output kept
     x0 = net(x, sigma, src, text, mask, pooled)
+    hook.remove()
     out = raw["out"]                                                         # [B, 4f², 16, 16]
     assert out.shape[1] == 4 * f * f
     c = F.pixel_shuffle(out[:, : 3 * f * f], f)
