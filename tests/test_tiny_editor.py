@@ -450,4 +450,7 @@ def test_checkpoints_without_head_form_load_as_residual():
     d.pop("head_form")
     assert TinyConfig.from_json(json.dumps(d)).head_form == "residual"
     with pytest.raises(ValueError, match="head_form"):
-        TinyEditor(TinyConfig(**{**SMALL.__dict__, "head_form": "mixed"}))
+        TinyConfig(**{**SMALL.__dict__, "head_form": "mixed"})
+    for key in ("head_form", "head_skip"):
+        with pytest.raises(EditrlInputError, match=key):
+            load_config(PretrainConfig, "tiny-smoke", [f"model.{key}=mixed"])

@@ -124,6 +124,12 @@ class TinyConfig:
     head_form: str = "residual"            # x̂0 = source + Δ (residual) | source + g ⊙ (c − source) (gated, per-pixel gate)
     vocab: tuple[str, ...] = WORDS
 
+    def __post_init__(self) -> None:
+        if self.head_skip not in HEAD_SKIPS:
+            raise ValueError(f"model.head_skip must be one of {', '.join(HEAD_SKIPS)}, got {self.head_skip!r}")
+        if self.head_form not in HEAD_FORMS:
+            raise ValueError(f"model.head_form must be one of {', '.join(HEAD_FORMS)}, got {self.head_form!r}")
+
     def to_json(self) -> str:
         d = asdict(self)
         d["channels"] = list(self.channels)
