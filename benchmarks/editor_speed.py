@@ -1,7 +1,10 @@
 """Tiny-editor speed: edits/s at batch 1 and 64 with 10 ODE steps, training-step time at batch 64,
 peak memory. Prints a table and writes JSON.
 
-    python benchmarks/editor_speed.py [--editor tiny|tiny:PATH] [--threads 2] [--out runs/bench/editor_speed.json]
+    python benchmarks/editor_speed.py [--editor tiny|tiny:PATH] [--threads 2] [--compile] [--out runs/bench/editor_speed.json]
+
+--compile adds the batch-64 edit through torch.compile (TinyEditor.compile) and the one-off
+compile time (cold: inductor's on-disk cache empty; warm: a second process).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time batch-64 edits through torch.compile")
     ap.add_argument("--out", default="runs/bench/editor_speed.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,6 +58,23 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         t = float(np.median(times))
         rows.append({"what": f"edit, batch {bs}, {args.steps} ODE steps", "seconds": t, "edits_per_s": bs / t})
+
+    if args.compile:
+        ed.compile()
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        ed.edit(src, texts, generator=gen, steps=args.steps)                    # compiles
+        rows.append({"what": "torch.compile, first batch-64 edit", "seconds": time.perf_counter() - t0,
+                     "edits_per_s": None})
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            ed.edit(src, texts, generator=gen, steps=args.steps)
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        rows.append({"what": f"edit, batch 64, {args.steps} ODE steps, compiled", "seconds": t, "edits_per_s": 64 / t})
+        if ed._compiled is None:
+            raise SystemExit("torch.compile failed (see above); no compiled numbers")
 
     ed.net.train()
     opt = torch.optim.AdamW(ed.net.parameters(), lr=1e-5)

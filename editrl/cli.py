@@ -448,6 +448,7 @@ def bench(
     allow_missing: bool = typer.Option(False, "--allow-missing", help="outputs:DIR: score a missing image (and later turns) as missing instead of failing"),
     chunk_size: int = typer.Option(64, "--chunk-size", help="turns per judge call and per records.jsonl append"),
     judge_workers: int = typer.Option(1, "--judge-workers", help="program judge: worker processes"),
+    compile_editor: bool = typer.Option(False, "--compile", help="tiny editor: run it through torch.compile (~1.2-1.4x faster at batch 64 after a one-off compile of ~1 min per batch size)"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="vlm judges: the model name"),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="vlm judges: judging protocol"),
     votes: Optional[int] = typer.Option(None, "--votes", help="vlm judges: samples per verdict (majority)"),
@@ -471,7 +472,7 @@ def bench(
     cfg = BenchConfig(suite=suite, editor=editor, judge=judge, out=out, sessions=sessions, turns=turns, seed=seed,
                       form=form, steps=steps, batch_size=batch_size, cache=cache, no_cache=no_cache,
                       bootstrap=bootstrap, strips=strips, allow_missing=allow_missing, chunk_size=chunk_size,
-                      judge_workers=judge_workers, intent=intent,
+                      judge_workers=judge_workers, intent=intent, compile=compile_editor,
                       judge_options={k: v for k, v in opts.items() if v is not None})
     bars: list[Progress] = []   # started on first use, so that bad input prints one line only
 

@@ -454,3 +454,63 @@ def test_checkpoints_without_head_form_load_as_residual():
     for key in ("head_form", "head_skip"):
         with pytest.raises(EditrlInputError, match=key):
             load_config(PretrainConfig, "tiny-smoke", [f"model.{key}=mixed"])
+
+
+def _edit_inputs(n: int = 3):
+    s = [sample_session(41, i, GrammarConfig(turns=1)) for i in range(n)]
+    return [render(session_scenes(x)[0]) for x in s], [x.turns[0].explicit for x in s]
+
+
+def test_compile_failure_falls_back_to_the_same_eager_edit(monkeypatch, capsys):
+    """A compile that fails (no C++ compiler, an unsupported op) costs one stderr line and
+    nothing else: the editor runs eagerly and gives the eager images."""
+    ed = small_editor()
+    images, texts = _edit_inputs()
+    want = ed.edit(images, texts, generator=torch.Generator().manual_seed(0), steps=3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Compiler: cc not found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: broken)
+    ed.compile()
+    got = ed.edit(images, texts, generator=torch.Generator().manual_seed(0), steps=3)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch.compile failed (Compiler: cc not found)" in err
+    assert ed._compiled is None
+
+
+def test_compiled_forward_is_used_for_inference_only_and_never_copied(monkeypatch):
+    """Training forwards (autograd on) stay eager; policy copies do not share the compiled net."""
+    ed = small_editor()
+    calls = []
+
+    def fake_compile(net, **kw):
+        def run(*args):
+            calls.append(torch.is_grad_enabled())
+            return net(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    ed.compile()
+    images, texts = _edit_inputs(2)
+    cond = ed.encode(images_to_tensor(images), texts)
+    x, sigma = torch.randn(2, 3, 64, 64), torch.tensor([0.4, 0.9])
+    with torch.no_grad():
+        ed.velocity(x, sigma, cond)
+    assert calls == [False]
+    ed.velocity(x, sigma, cond).sum().backward()       # the training path: eager, gradients flow
+    assert calls == [False] and ed.net.stem.weight.grad is not None
+    copy = ed.policy_copy()
+    assert copy._compiled is None and ed._compiled is not None
+
+
+@pytest.mark.skipif(not os.environ.get("EDITRL_COMPILE_TEST"), reason="compiles C++ kernels (~1 min); set EDITRL_COMPILE_TEST=1")
+def test_real_torch_compile_matches_eager():
+    ed = small_editor()
+    images, texts = _edit_inputs()
+    want = images_to_tensor(ed.edit(images, texts, generator=torch.Generator().manual_seed(0), steps=3))
+    ed.compile()
+    got = images_to_tensor(ed.edit(images, texts, generator=torch.Generator().manual_seed(0), steps=3))
+    assert ed._compiled is not None
+    assert (got - want).abs().max() <= 2 / 127.5          # uint8 images: at most a rounding step apart

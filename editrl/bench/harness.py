@@ -80,6 +80,7 @@ class BenchConfig:
     judge_workers: int = 1           # program judge: worker processes (VLM judges have --concurrency)
     judge_options: dict[str, Any] = field(default_factory=dict)
     intent: str = "none"             # reconstructor writing the editor's text: none | rules | tiny[:PATH] | llm:...
+    compile: bool = False            # tiny editor: inference through torch.compile (same numbers to rounding)
 
 
 @dataclass
@@ -717,6 +718,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
     form = "intent" if reconstructor is not None else resolve_form(cfg.form, cfg.editor)
     editor = load_editor(cfg.editor, mode="in_context" if form == "in_context" else "explicit")
     precomputed = bool(getattr(editor, "precomputed", False))
+    if cfg.compile:
+        if not hasattr(editor, "compile"):
+            raise EditrlInputError(f"--compile applies to the tiny editor, not {cfg.editor}")
+        editor.compile()
     if cfg.steps is not None and cfg.steps < 1:
         raise EditrlInputError(f"--steps must be at least 1, got {cfg.steps}")
     steps = None if precomputed else (cfg.steps or getattr(editor, "default_steps", 10))

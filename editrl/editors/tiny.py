@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class Tokenizer:
 
 HEAD_SKIPS = ("none", "source", "input")
 HEAD_FORMS = ("residual", "gated")
+TEXT_BUCKET = 16        # compiled inference pads the text to a multiple of this many tokens
 GATE_INIT_BIAS = -3.0   # gated head at init: x̂0 = source + 0.047·(0 − source), nearly a copy
 
 
@@ -394,11 +396,30 @@ class TinyEditor(FlowEditor):
         self.net.eval()
         self.mode = mode
         self.tokenizer = Tokenizer(self.cfg.vocab)
+        self._compiled = None                   # torch.compile'd net for inference (`compile()`)
+
+    def compile(self) -> "TinyEditor":
+        """Run inference (forwards without autograd) through `torch.compile` (inductor).
+
+        ~1.4x faster per step on 2 CPU cores at batch 64. Each new batch size compiles once
+        (~75 s cold; ~13 s when inductor's on-disk cache already holds it), so this pays off
+        for benchmarks and rollouts, not single edits. Training forwards stay eager. If
+        compiling fails (no C++ compiler, an unsupported op) the editor says so in one line
+        and stays eager."""
+        self._compiled = torch.compile(self.net, dynamic=False)
+        return self
 
     # -- conditioning -------------------------------------------------------------------
     def tokenize(self, instructions: Sequence[str], contexts: Sequence[Sequence[str]] | None) -> tuple[Tensor, Tensor]:
         ctx = contexts if self.mode == "in_context" else None
-        return self.tokenizer.batch(instructions, ctx, self.cfg.max_tokens)
+        ids, mask = self.tokenizer.batch(instructions, ctx, self.cfg.max_tokens)
+        if self._compiled is not None:
+            # a compiled net specialises on the text length: padding it to a multiple of
+            # TEXT_BUCKET keeps the shapes (and the compiles) few; padded tokens are masked out
+            L = min(-(-ids.shape[1] // TEXT_BUCKET) * TEXT_BUCKET, self.cfg.max_tokens)
+            ids = F.pad(ids, (0, L - ids.shape[1]), value=self.tokenizer.pad)
+            mask = ids != self.tokenizer.pad
+        return ids, mask
 
     def encode(self, images: Tensor, instructions: Sequence[str],
                contexts: Sequence[Sequence[str]] | None = None) -> TinyCond:
@@ -412,7 +433,15 @@ class TinyEditor(FlowEditor):
                         self.net.source_features(images))
 
     def predict_x0(self, x: Tensor, sigma: Tensor, cond: TinyCond) -> Tensor:
-        return self.net(x, sigma, cond.source, cond.kv or cond.text, cond.text_mask, cond.pooled, cond.src)
+        args = (x, sigma, cond.source, cond.kv or cond.text, cond.text_mask, cond.pooled, cond.src)
+        if self._compiled is not None and not torch.is_grad_enabled():
+            try:
+                return self._compiled(*args)
+            except Exception as e:                 # compiler missing or failing: the same forward, eager
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"editrl: torch.compile failed ({why[:160]}); running the tiny editor eagerly", file=sys.stderr)
+                self._compiled = None
+        return self.net(*args)
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: TinyCond) -> Tensor:
         """v = (x_σ − x̂0) / σ: exact for the flow x_σ = (1−σ)·x0 + σ·ε (σ floored at SIGMA_FLOOR)."""
@@ -445,7 +474,11 @@ class TinyEditor(FlowEditor):
 
     def policy_copy(self) -> "TinyEditor":
         """A frozen deep copy of the current weights (NFT's old policy)."""
-        c = copy.deepcopy(self)
+        compiled, self._compiled = self._compiled, None     # a compiled wrapper is not copied
+        try:
+            c = copy.deepcopy(self)
+        finally:
+            self._compiled = compiled
         c.net.eval()
         c.net.requires_grad_(False)
         return c
