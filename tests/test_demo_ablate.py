@@ -101,6 +101,15 @@ def test_assignment_study_compares_the_base_with_the_other_assignment(tmp_path):
     assert arms(broadcast_base) == {"base": [], "per_turn": ["adv.assignment=per_turn"]}
 
 
+def test_scoring_study_compares_the_base_with_the_other_scoring(tmp_path):
+    from editrl.rl.ablate import AblateConfig, study_arms
+
+    binary_base = AblateConfig(out=tmp_path, studies=["scoring"])                     # shapes-nft: binary
+    assert study_arms(binary_base, "scoring") == [("base", []), ("graded", ["adv.scoring=graded"])]
+    graded_base = AblateConfig(out=tmp_path, studies=["scoring"], overrides=["adv.scoring=graded"])
+    assert study_arms(graded_base, "scoring") == [("base", []), ("binary", ["adv.scoring=binary"])]
+
+
 def test_ablate_parallel_jobs_match_the_table_layout_and_resume(tmp_path):
     """--jobs 2 runs (arm, seed) pairs in two processes; the table has every arm and seed, and
     a re-run finds every run done (nothing is trained again)."""

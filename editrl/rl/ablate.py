@@ -32,7 +32,7 @@ from ..session import EditrlInputError, atomic_write_text
 STUDIES: dict[str, list[tuple[str, list[str]]]] = {
     "assignment": [("base", []), ("@other_assignment", [])],      # the assignment the base does not use
     "fusion": [("base", []), ("reward_fusion", ["adv.fusion=reward"])],
-    "scoring": [("base", []), ("binary", ["adv.scoring=binary"])],
+    "scoring": [("base", []), ("@other_scoring", [])],            # the scoring the base does not use
     "aggregation": [("base", [])] + [(f"agg_{m}", [f"adv.aggregation={m}"])
                                      for m in ("min", "product", "last", "success_gated", "discounted")],
     "trajectory_filter": [("base", []), ("no_trajectory_filter", ["adv.trajectory_filter=false"])],
@@ -86,8 +86,19 @@ def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
         if name == "@other_assignment":
             other = "broadcast" if base_assignment(cfg) == "per_turn" else "per_turn"
             name, ov = other, [f"adv.assignment={other}"]
+        elif name == "@other_scoring":
+            other = "graded" if base_adv(cfg).scoring == "binary" else "binary"
+            name, ov = other, [f"adv.scoring={other}"]
         out.append((name, ov))
     return out
+
+
+def base_adv(cfg: AblateConfig):
+    """The advantage settings of the base arm (its preset plus the user's overrides)."""
+    from ..config import load_config
+    from .train import TrainConfig
+
+    return load_config(TrainConfig, cfg.preset, list(cfg.overrides)).adv
 
 
 def base_assignment(cfg: AblateConfig) -> str:
