@@ -164,7 +164,8 @@ def test_editrl_train_two_processes_match_one(tmp_path):
     ed, ckpt = _small_ckpt(tmp_path)
     over = [f"init=tiny:{ckpt}", "sessions_per_step=3", "group=3", "turns=2", "rollout_steps=2", "max_steps=2",
             "minibatch=8", "final_eval=false", "eval_every=0", "threads=1", "session_rng=true", "lr=1e-3",
-            "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1"]
+            "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1",
+            "adv.scoring=graded", "ema_decay=0"]    # graded: a random toy editor's binary scores are all 0 (no gradient)
     _run([sys.executable, "-m", "editrl.cli", "train", "--config", "shapes-nft", "--out", str(tmp_path / "one"), *over],
          timeout=240)
     _run([*_launch_two(), "-m", "editrl.cli", "train",
@@ -216,7 +217,8 @@ def test_fsdp_two_processes_match_one(tmp_path, algo):
     ed, ckpt = _small_ckpt(tmp_path)
     over = [f"init=tiny:{ckpt}", "sessions_per_step=5", "group=2", "turns=2", "rollout_steps=2", "max_steps=2",
             "minibatch=4", "final_eval=true", "eval_sessions=2", "eval_steps=2", "eval_every=0", "threads=1",
-            "session_rng=true", "lr=1e-3", "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1"]
+            "session_rng=true", "lr=1e-3", "adv.group_filter=false", "adv.trajectory_filter=false", "ckpt_every=1",
+            "adv.scoring=graded", "ema_decay=0"]    # graded: a random toy editor's binary scores are all 0 (no gradient)
     if algo == "shapes-grpo":
         over += ["window=0", "kl_beta=0.01"]
     _run([sys.executable, "-m", "editrl.cli", "train", "--config", algo, "--out", str(tmp_path / "one"), *over],
