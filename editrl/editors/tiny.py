@@ -26,8 +26,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
