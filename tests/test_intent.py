@@ -248,6 +248,45 @@ def test_text_grpo_masks_and_clips():
     assert float(z) == 0.0 and st == {"n_tokens": 0}
 
 
+def test_tiny_policy_scene_objects_are_one_position_each():
+    import torch
+
+    from editrl.intent.tiny import PolicyConfig, TinyIntentPolicy, query_text, scene_words
+    s = sample_session(9, 3, GrammarConfig(turns=3, constraint_share=0.6, pronoun_prob=0.9))
+    q = query_for(s, 2, [s.turns[0].explicit])
+    text = query_text(q)
+    words = TinyIntentPolicy(PolicyConfig(dim=32, heads=2, enc_layers=1, dec_layers=1, scene_tokens="words"))
+    objs = TinyIntentPolicy(PolicyConfig(dim=32, heads=2, enc_layers=1, dec_layers=1))
+    assert objs.cfg.scene_tokens == "objects"
+    w_src, w_mask = words.encode_inputs([text])
+    o_src, o_mask = objs.encode_inputs([text])
+    assert w_src.dim() == 2 and o_src.dim() == 3 and o_mask.shape == o_src.shape[:2]
+    items = scene_words(s.source_scene).split(" ; ")                      # objects + the background
+    n_scene_words = sum(len(words.tok.ids(i)) for i in items) + len(items) - 1   # + the ';' separators
+    assert int(o_mask.sum()) == int(w_mask.sum()) - n_scene_words + len(items)
+    groups = [[objs.tok.itos[i] for i in g if i] for g in o_src[0].tolist()]
+    assert groups[0] == ["<scene>"]
+    for item, g in zip(items, groups[1:]):                                # each item: one position
+        assert g == ["<scene>"] + item.split()
+    assert groups[len(items) + 1] == ["<hist>"]
+    # a batch mixing lengths pads whole positions; every output is still a log-prob per token
+    src, mask = objs.encode_inputs([text, query_text(query_for(s, 1))])
+    ids, lp = objs.generate(src, mask, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    valid = ids != objs.tok.pad
+    assert torch.allclose(objs.token_logprobs(src, mask, ids)[valid], lp[valid], atol=1e-5)
+
+
+def test_tiny_policy_config_from_older_weights_reads_words():
+    import json
+
+    from editrl.intent.tiny import PolicyConfig
+    d = json.loads(PolicyConfig().to_json())
+    del d["scene_tokens"]
+    assert PolicyConfig.from_json(json.dumps(d)).scene_tokens == "words"
+    with pytest.raises(ValueError, match="scene_tokens"):
+        PolicyConfig(scene_tokens="pixels")
+
+
 def test_tiny_policy_save_load_and_reconstructor(tmp_path):
     import torch
 

@@ -83,6 +83,9 @@ def query_text(q: IntentQuery) -> str:
     return " ".join(p for p in parts if p)
 
 
+SCENE_TOKENS = ("words", "objects")
+
+
 @dataclass
 class PolicyConfig:
     dim: int = 128
@@ -92,6 +95,15 @@ class PolicyConfig:
     max_in: int = 192
     max_out: int = 40
     vocab: tuple[str, ...] = WORDS
+    # How the <scene> section enters the encoder. `words`: one position per word. `objects`:
+    # one position per object ("small red solid circle at top left" -> the sum of its words'
+    # embeddings), so naming an object's colour and cell is one attention hop to one position
+    # rather than a lookup across seven. Weights saved before this option read as `words`.
+    scene_tokens: str = "objects"
+
+    def __post_init__(self) -> None:
+        if self.scene_tokens not in SCENE_TOKENS:
+            raise ValueError(f"scene_tokens must be one of {SCENE_TOKENS}, got {self.scene_tokens!r}")
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -102,6 +114,7 @@ class PolicyConfig:
     def from_json(s: str) -> "PolicyConfig":
         d = json.loads(s)
         d["vocab"] = tuple(d["vocab"])
+        d.setdefault("scene_tokens", "words")
         return PolicyConfig(**d)
 
 
@@ -121,21 +134,61 @@ class TinyIntentPolicy(nn.Module):
 
     # -- tensors -----------------------------------------------------------------------
     def encode_inputs(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """[B, L] ids (last max_in tokens kept) and [B, L] validity mask."""
+        """Source ids and their [B, L] validity mask (the last max_in positions kept): [B, L]
+        with `scene_tokens: words`, [B, L, M] with `objects` (a position's word ids, 0-padded:
+        M words for a scene object, one for every other position)."""
         seqs = []
         for t in texts:
             ids = self.tok.ids(t)
             if ids is None:
                 raise EditrlInputError(f"the tiny intent policy reads only the ShapesWorld vocabulary: {t!r}")
-            seqs.append(ids[-self.cfg.max_in:])
+            groups = self._group_scene(ids) if self.cfg.scene_tokens == "objects" else [[i] for i in ids]
+            seqs.append(groups[-self.cfg.max_in:])
         L = max(1, max(len(s) for s in seqs))
-        ids = torch.zeros(len(seqs), L, dtype=torch.long)
+        M = max([1] + [len(g) for s in seqs for g in s])
+        ids = torch.zeros(len(seqs), L, M, dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        return ids, ids != self.tok.pad
+            for j, g in enumerate(s):
+                ids[i, j, : len(g)] = torch.tensor(g, dtype=torch.long)
+        if self.cfg.scene_tokens == "words":
+            ids = ids[:, :, 0]                                                        # [B, L]
+            return ids, ids != self.tok.pad
+        return ids, ids[:, :, 0] != self.tok.pad                                      # [B, L, M], [B, L]
+
+    def _group_scene(self, ids: list[int]) -> list[list[int]]:
+        """One group per position: each `;`-separated item of the <scene> section is one group
+        (led by the <scene> marker), every other token its own."""
+        scene, sep = self.tok.stoi["<scene>"], self.tok.stoi[";"]
+        ends = {self.tok.stoi[m] for m in ("<hist>", "<prev>", "<now>")}
+        out: list[list[int]] = []
+        in_scene = False
+        for i in ids:
+            if i == scene:
+                in_scene = True
+                out.append([i])
+                out.append([scene])
+            elif in_scene and i in ends:
+                in_scene = False
+                if out[-1] == [scene]:
+                    out.pop()
+                out.append([i])
+            elif in_scene and i == sep:
+                out.append([scene])
+            elif in_scene:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        if in_scene and out[-1] == [scene]:
+            out.pop()
+        return out
 
     def memory(self, src: Tensor, src_mask: Tensor) -> Tensor:
-        h = self.emb(src) + self.pos_in[: src.shape[1]]                               # [B, L, D]
+        if src.dim() == 3:                                                            # [B, L, M] word groups
+            e = self.emb(src) * (src != self.tok.pad).unsqueeze(-1)                   # [B, L, M, D]
+            h = e.sum(2)
+        else:
+            h = self.emb(src)                                                         # [B, L, D]
+        h = h + self.pos_in[: src.shape[1]]
         return self.net.encoder(h, src_key_padding_mask=~src_mask)
 
     def logits(self, memory: Tensor, src_mask: Tensor, dec_in: Tensor) -> Tensor:
