@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -127,8 +128,10 @@ class TinyIntentPolicy(nn.Module):
         self.emb = nn.Embedding(V, D)
         self.pos_in = nn.Parameter(torch.randn(cfg.max_in, D) * 0.02)
         self.pos_out = nn.Parameter(torch.randn(cfg.max_out + 1, D) * 0.02)
-        self.net = nn.Transformer(D, cfg.heads, cfg.enc_layers, cfg.dec_layers, 4 * D, dropout=0.0,
-                                  batch_first=True, norm_first=True)
+        with warnings.catch_warnings():  # pre-norm layers never take the nested-tensor path
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            self.net = nn.Transformer(D, cfg.heads, cfg.enc_layers, cfg.dec_layers, 4 * D,
+                                      dropout=0.0, batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, V)
 
