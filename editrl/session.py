@@ -200,6 +200,29 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(path: str | os.PathLike) -> str:
+    """Identity of a weights file. For safetensors: sha256 of the header with its keys sorted,
+    then the tensor bytes: the library writes the metadata map in an arbitrary order, so two
+    saves of the same weights and metadata differ as files but not here. Other files: the
+    file's sha256."""
+    if not str(path).endswith(".safetensors"):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        try:
+            n = int.from_bytes(head, "little")
+            header = json.loads(f.read(n)) if len(head) == 8 and n < (1 << 27) else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            return sha256_file(path)            # not a readable safetensors header: the raw bytes
+        h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def session_to_json(s: Session) -> str:
     return json.dumps(s.model_dump(mode="json", exclude_defaults=False), sort_keys=False,
                       separators=(",", ":"), ensure_ascii=False)

@@ -17,6 +17,7 @@ from editrl.session import (
     read_sessions,
     session_to_json,
     sha256_file,
+    weights_sha256,
     write_sessions,
 )
 from editrl.world.grammar import GrammarConfig, sample_session
@@ -262,3 +263,42 @@ def test_verdict_judge_error_makes_success_undecided():
 def test_verdict_rejects_unknown_status():
     with pytest.raises(Exception):
         CheckResult(status="maybe")
+
+
+def test_weights_sha256_ignores_the_order_safetensors_writes_metadata_in(tmp_path):
+    """safetensors writes its metadata map in an arbitrary order, so saving the same weights
+    twice can give two different files; their weights digest must agree, and differ as soon
+    as a tensor or a metadata value does."""
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4)}
+    meta = {f"k{i}": str(i) for i in range(12)}
+    p1, p2 = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    save_file(tensors, p1, metadata=meta)
+    # the same header with the metadata keys in reverse order, the same tensor bytes
+    raw = p1.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))                         # keep the data offset
+    p2.write_bytes(struct.pack("<Q", n) + text + raw[8 + n:])
+    assert sha256_file(p1) != sha256_file(p2)
+    assert weights_sha256(p1) == weights_sha256(p2)
+
+    p3 = tmp_path / "three.safetensors"
+    save_file({**tensors, "b": torch.ones(4) * 2}, p3, metadata=meta)
+    assert weights_sha256(p3) != weights_sha256(p1)
+    p4 = tmp_path / "four.safetensors"
+    save_file(tensors, p4, metadata={**meta, "k0": "changed"})
+    assert weights_sha256(p4) != weights_sha256(p1)
+    # not safetensors, or not readable as such: the file's own sha256
+    other = tmp_path / "w.bin"
+    other.write_bytes(b"\x00" * 10)
+    assert weights_sha256(other) == sha256_file(other)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 20)
+    assert weights_sha256(broken) == sha256_file(broken)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..session import EditrlInputError, atomic_path, sha256_file
+from ..session import EditrlInputError, atomic_path, weights_sha256
 from .base import FlowEditor, tensor_to_images
 from .tiny import PICKLE_SUFFIXES
 
@@ -463,7 +463,7 @@ class DiffusersEditor(FlowEditor):
         base = Path(meta["base_model"])
         ed = cls.load(base, mode=mode, opts=ModelConfig(**{**saved, "path": str(base)}))
         ed.load_state_dict(sd)
-        ed.weights_sha256 = sha256_file(lora_file)
+        ed.weights_sha256 = weights_sha256(lora_file)
         return ed
 
     @classmethod

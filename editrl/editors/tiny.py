@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..session import EditrlInputError, sha256_file
+from ..session import EditrlInputError, weights_sha256
 from .base import FlowEditor
 
 # Every word the ShapesWorld grammar emits (tests check the grammar against this list).
@@ -520,7 +520,7 @@ class TinyEditor(FlowEditor):
         if missing or unexpected:
             raise EditrlInputError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         editor = cls(cfg, mode=mode, net=net)
-        editor.weights_sha256 = sha256_file(path)
+        editor.weights_sha256 = weights_sha256(path)
         return editor
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..editors.tiny import WORDS
-from ..session import EditrlInputError, sha256_file
+from ..session import EditrlInputError, weights_sha256
 from .base import IntentQuery, Reconstruction
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<scene>", "<hist>", "<prev>", "<now>", ";")
@@ -315,7 +315,7 @@ def load_policy(path: str | os.PathLike) -> tuple[TinyIntentPolicy, str]:
         raise
     except Exception as e:
         raise EditrlInputError(f"{p}: cannot read the policy weights ({type(e).__name__}: {e})") from None
-    return policy, sha256_file(p)
+    return policy, weights_sha256(p)
 
 
 def load_tiny_policy(spec: str) -> TinyPolicyReconstructor:
