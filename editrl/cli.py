@@ -229,13 +229,14 @@ def edit_cmd(
         from .world.verify import judge_turn
         scenes = session_scenes(sess)
     for k, text in enumerate(texts, start=1):
-        img = ed.edit([img], [text], [raw[: k - 1]], generator=gen, steps=steps)[0]
+        src, img = img, ed.edit([img], [text], [raw[: k - 1]], generator=gen, steps=steps)[0]
         atomic_write_bytes(out / f"turn_{k}.png", png_bytes(img))
         row: dict[str, Any] = {"turn": k, "instruction": raw[k - 1], "used": text, "image": f"turn_{k}.png"}
         if traces[k - 1] is not None:
             row["intent"] = traces[k - 1]
         if scenes is not None:
-            v = judge_turn(img, scenes[k - 1], scenes[k], sess.turns[k - 1], k, sess.global_constraint, sess.id)
+            v = judge_turn(img, scenes[k - 1], scenes[k], sess.turns[k - 1], k, sess.global_constraint, sess.id,
+                           source_image=src)
             row["verdict"] = {c: (r.status, r.reason) for c, r in v.checks().items() if r.status}
             row["success"] = v.success
         rows.append(row)

@@ -888,3 +888,96 @@ def test_clean_render_memory_and_position_table_are_exact(monkeypatch):
     i = next(i for i, p in enumerate(first) if p.objects)
     parse(images[i]).objects[0].mask[:] = True      # a caller's change does not reach the memory
     assert fields(parse(images[i])) == fields(general[i])
+
+
+# ------------------------------------------------------------------------------ CU against the turn's input
+
+
+def _pronoun_turns(corpus, types=TARGETED, limit=None):
+    out = []
+    for s, scenes in corpus:
+        for k, t in enumerate(s.turns, start=1):
+            if t.pronoun and t.task_type in types:
+                out.append((s, scenes, k, t))
+    return out[:limit]
+
+
+@pytest.mark.parametrize("degraded", [False, True], ids=["clean", "degraded"])
+def test_cu_with_the_turn_input_passes_on_ground_truth(corpus, degraded):
+    rng = np.random.default_rng(41)
+    post = _post(degraded, rng)
+    turns = _pronoun_turns(corpus, types=EDIT_TYPES, limit=80)
+    assert len(turns) == 80
+    for s, scenes, k, t in turns:
+        v = judge_turn(post(render(scenes[k])), scenes[k - 1], scenes[k], t, k, s.global_constraint, s.id,
+                       source_image=post(render(scenes[k - 1])))
+        assert v.CU.status == "pass" and v.CU.score == 1.0, (s.id, k, t.instruction, v.CU.reason)
+        assert v.success is True
+
+
+def test_cu_fails_when_the_edit_lands_on_another_object(corpus):
+    rng = np.random.default_rng(43)
+    n = 0
+    for s, scenes, k, t in _pronoun_turns(corpus):
+        img = make_fault("pronoun_wrong_object", s, k, scenes, rng)
+        if img is None:
+            continue
+        for source in (None, render(scenes[k - 1])):
+            v = judge_turn(img, scenes[k - 1], scenes[k], t, k, s.global_constraint, s.id, source_image=source)
+            assert v.CU.status == "fail" and v.CU.score < 1.0, (s.id, k, t.instruction)
+            assert "instead of" in v.CU.reason or "did not receive" in v.CU.reason
+        n += 1
+        if n == 30:
+            break
+    assert n == 30
+
+
+def test_cu_fails_when_nothing_is_edited(corpus):
+    for s, scenes, k, t in _pronoun_turns(corpus, limit=30):
+        prev_img = render(scenes[k - 1])
+        v = judge_turn(prev_img, scenes[k - 1], scenes[k], t, k, s.global_constraint, s.id, source_image=prev_img)
+        assert v.CU.status == "fail" and v.CU.score == 0.5, (s.id, k, t.instruction)
+        assert "did not receive the edit" in v.CU.reason
+
+
+def test_cu_does_not_charge_a_defect_inherited_from_an_earlier_turn(corpus):
+    """Another object already wrong in the turn's input, the edit right on the referent: CU
+    passes against the input (CC still fails against the expected scene); without the input,
+    the expected previous scene stands in and the inherited defect counts."""
+    n = 0
+    for s, scenes, k, t in _pronoun_turns(corpus, types=("color", "material", "size", "replace")):
+        prev, tid = scenes[k - 1], int(t.target["id"])
+        others = [o for o in prev.objects if o.id != tid]
+        if not others:
+            continue
+        o = others[0]
+        flipped = Obj(o.id, o.shape, o.color, o.size, "solid" if o.fill == "hollow" else "hollow", o.cell)
+        bad_prev = prev.with_objects([flipped if x.id == o.id else x for x in prev.objects])
+        out = render(apply_edit(bad_prev, edit_from_turn(t)))
+        with_input = judge_turn(out, prev, scenes[k], t, k, s.global_constraint, s.id, source_image=render(bad_prev))
+        without = judge_turn(out, prev, scenes[k], t, k, s.global_constraint, s.id)
+        assert with_input.CU.status == "pass", (s.id, k, t.instruction, with_input.CU.reason)
+        assert without.CU.status == "fail" and "instead of" in without.CU.reason
+        assert with_input.CC.status == "fail" and without.CC.status == "fail"
+        n += 1
+        if n == 20:
+            break
+    assert n == 20
+
+
+def test_cu_reads_the_requested_attribute_and_leaves_the_rest_to_if(corpus):
+    """The referent recoloured as asked but also resized: the pronoun was resolved (CU pass),
+    the edit is not exact (IF fail)."""
+    n = 0
+    for s, scenes, k, t in _pronoun_turns(corpus, types=("color", "material", "position", "replace")):
+        nxt, tid = scenes[k], int(t.target["id"])
+        o = nxt.get(tid)
+        resized = Obj(o.id, o.shape, o.color, "small" if o.size == "large" else "large", o.fill, o.cell)
+        out = render(nxt.with_objects([resized if x.id == tid else x for x in nxt.objects]))
+        v = judge_turn(out, scenes[k - 1], nxt, t, k, s.global_constraint, s.id, source_image=render(scenes[k - 1]))
+        assert v.CU.status == "pass", (s.id, k, t.instruction, v.CU.reason)
+        assert v.IF.status == "fail" and "size" in v.IF.reason
+        n += 1
+        if n == 20:
+            break
+    assert n == 20

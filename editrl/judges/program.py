@@ -15,7 +15,8 @@ class ProgramJudge:
     prompt_version = ""
 
     def params(self) -> dict[str, Any]:
-        return {}
+        # CU reads which objects a turn edited from the turn's own input image (verify.py)
+        return {"cu": "turn-input"}
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[TurnVerdict]:
         out = []
@@ -31,5 +32,5 @@ class ProgramJudge:
                         f"expected scenes); use a vlm judge for other records") from None
             sc = cache[s.id]
             out.append(judge_turn(r.image, sc[r.turn - 1], sc[r.turn], s.turns[r.turn - 1], r.turn,
-                                  s.global_constraint, s.id))
+                                  s.global_constraint, s.id, source_image=r.prev if s.turns[r.turn - 1].pronoun else None))
         return out

@@ -14,8 +14,9 @@ The output image is parsed and its objects are matched to the expected scene aft
   falls with low-amplitude leftovers and texture.
 - GA: where a global rule governs the turn, it holds (colour / fill of the edited object,
   or the protected object untouched).
-- CU: on a pronoun turn, the object the pronoun denotes received the edit and no other
-  object did.
+- CU: on a pronoun turn, the object the pronoun denotes received the edit (the attribute
+  asked for; IF judges the rest) and no other object was changed by this turn (read against
+  the turn's input image when the caller gives it, so inherited defects are not charged).
 """
 
 from __future__ import annotations
@@ -105,14 +106,21 @@ def _footprint(shape: str, fill: str, size: str, cell: int, canvas: int) -> np.n
 
 
 def judge_turn(image: np.ndarray, prev: Scene, nxt: Scene, turn: Turn, turn_index: int,
-               constraint: GlobalConstraint | None = None, session_id: str = "") -> TurnVerdict:
-    """Judge the output `image` of 1-based turn `turn_index` against the expected scenes."""
+               constraint: GlobalConstraint | None = None, session_id: str = "",
+               source_image: np.ndarray | None = None) -> TurnVerdict:
+    """Judge the output `image` of 1-based turn `turn_index` against the expected scenes.
+
+    `source_image` is the image the editor was given for this turn (its own previous output in
+    a multi-turn rollout). It only affects CU: which objects this turn edited is read from the
+    difference between the two images. Without it the expected previous scene stands in."""
     parsed = parse(image, nxt.canvas)
-    return judge_parsed(parsed, prev, nxt, turn, turn_index, constraint, session_id)
+    source = None if source_image is None else parse(source_image, prev.canvas)
+    return judge_parsed(parsed, prev, nxt, turn, turn_index, constraint, session_id, source)
 
 
 def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index: int,
-                 constraint: GlobalConstraint | None = None, session_id: str = "") -> TurnVerdict:
+                 constraint: GlobalConstraint | None = None, session_id: str = "",
+                 source: Parsed | None = None) -> TurnVerdict:
     t = turn.task_type
     geom = nxt.geometry
     matched, extras = match(nxt, parsed)
@@ -220,17 +228,60 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
     # ------------------------------------------------------------------------ CU
     CU = CheckResult()
     if turn.pronoun:
-        referent_ok = IF.status == "pass"
-        changed_others = [o for o in others if _obj_report(o, matched[o.id])[0]]
-        ok = referent_ok and not changed_others
-        reason = ""
-        if changed_others:
-            reason = f"edited {changed_others[0].describe()} instead of / besides 'it'"
-        elif not referent_ok:
-            reason = f"'it' not edited: {IF.reason}"
-        CU = _check(ok, 0.5 * referent_ok + 0.5 * (not changed_others), reason)
+        CU = _pronoun_check(t, tid, prev, nxt, matched, extras, parsed, source, others, IF)
 
     return TurnVerdict(session_id=session_id, turn=turn_index, IF=IF, CC=CC, GA=GA, CU=CU)
+
+
+def _pronoun_check(t: str, tid: int | None, prev: Scene, nxt: Scene, matched: dict[int, Detection | None],
+                   extras: list[Detection], parsed: Parsed, source: Parsed | None, others: list[Obj], IF: CheckResult) -> CheckResult:
+    """CU: the edit landed on the object the pronoun denotes, and on no other object.
+
+    Whether the referent received the edit is read from the attribute the instruction asks
+    for (its other attributes are IF's business): the colour of a recolour, the shape of a
+    replacement, the cell of a move, ...; for `remove` the object is gone, for `count` its
+    category shows the asked number of copies. Another object received an edit when it
+    changed during this turn: compared with its look in `source` (the parsed input image)
+    when given, so a defect inherited from an earlier turn is not charged to this one, else
+    with the expected previous scene."""
+    req = _requested_attr(t)
+    if t == "remove":
+        o = prev.get(tid)
+        gone = not any((d.color, d.shape) == (o.color, o.shape) or d.cell == o.cell for d in extras)
+        referent_ok, why = gone, f"{o.describe()} still present"
+    elif t == "count":
+        cat = prev.get(tid).category()
+        want = sum(o.category() == cat for o in nxt.objects)
+        got = sum((d.color, d.shape, d.size, d.fill) == cat for d in parsed.objects)
+        referent_ok, why = got == want, f"{got} {cat[0]} {cat[1]}(s), expected {want}"
+    elif req is not None and tid is not None and nxt.has(tid):
+        o = nxt.get(tid)
+        diffs, why = _obj_report(o, matched[o.id], [req])
+        referent_ok = not diffs
+    else:                                       # a pronoun turn of another kind: IF decides
+        referent_ok, why = IF.status == "pass", IF.reason
+    source_of: dict[int, Detection | None] = match(prev, source)[0] if source is not None else {}
+    changed = []
+    for o in others:
+        if not prev.has(o.id):
+            continue
+        before = source_of.get(o.id) if source is not None else None
+        if source is not None and before is None:
+            continue                            # already missing from the input: not this turn's doing
+        after = matched[o.id]
+        if after is None:
+            changed.append(o)
+        elif before is not None:
+            if _attr_values(before) != _attr_values(after):
+                changed.append(o)
+        elif diff_attrs(prev.get(o.id), after):
+            changed.append(o)
+    reason = ""
+    if changed:
+        reason = f"edited {changed[0].describe()} instead of / besides 'it'"
+    elif not referent_ok:
+        reason = f"'it' did not receive the edit: {why}"
+    return _check(referent_ok and not changed, 0.5 * referent_ok + 0.5 * (not changed), reason)
 
 
 def _requested_attr(t: str) -> str | None:
