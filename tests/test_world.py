@@ -981,3 +981,26 @@ def test_cu_reads_the_requested_attribute_and_leaves_the_rest_to_if(corpus):
         if n == 20:
             break
     assert n == 20
+
+
+def test_program_judge_equals_judge_turn_with_the_turn_input(corpus):
+    """ProgramJudge remembers parses by exact image bytes (a pronoun turn's input is the turn
+    before's output): its verdicts equal judge_turn's with `source_image`, on model-like
+    images, whatever order the requests come in."""
+    from editrl.judges import JudgeRequest, ProgramJudge
+
+    rng = np.random.default_rng(47)
+    reqs, want = [], []
+    for s, scenes in corpus[:25]:
+        imgs = [render(scenes[0])] + [degrade(render(scenes[k]), rng) for k in range(1, s.n_turns + 1)]
+        for k in range(1, s.n_turns + 1):
+            reqs.append(JudgeRequest(s, k, imgs[: k + 1]))
+            want.append(judge_turn(imgs[k], scenes[k - 1], scenes[k], s.turns[k - 1], k, s.global_constraint, s.id,
+                                   source_image=imgs[k - 1] if s.turns[k - 1].pronoun else None))
+    assert sum(r.session.turns[r.turn - 1].pronoun for r in reqs) >= 20
+    order = rng.permutation(len(reqs))
+    judge = ProgramJudge()
+    got = judge.judge([reqs[i] for i in order])
+    for i, v in zip(order, got):
+        assert v == want[i], (reqs[i].session.id, reqs[i].turn)
+    assert judge.judge(reqs) == want                      # all remembered now

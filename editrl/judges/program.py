@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Sequence
+
+import numpy as np
 
 from ..session import EditrlInputError, TurnVerdict
 from ..world.grammar import session_scenes
-from ..world.verify import judge_turn
+from ..world.parse import Parsed, parse
+from ..world.verify import judge_parsed
 from .base import JudgeRequest
+
+_MEMORY = 1024   # parsed images remembered (a pronoun turn's input is the previous turn's output)
 
 
 class ProgramJudge:
     judge_id = "program"
     prompt_version = ""
 
+    def __init__(self) -> None:
+        self._parsed: OrderedDict[tuple, Parsed] = OrderedDict()   # exact image bytes -> parse
+
     def params(self) -> dict[str, Any]:
         # CU reads which objects a turn edited from the turn's own input image (verify.py)
         return {"cu": "turn-input"}
+
+    def _parse(self, img: np.ndarray, canvas: int) -> Parsed:
+        """parse(img), remembered by the image's exact bytes: the input of a pronoun turn is
+        the output of the turn before, usually judged just before it."""
+        key = (img.shape, str(img.dtype), canvas, img.tobytes())
+        hit = self._parsed.get(key)
+        if hit is not None:
+            self._parsed.move_to_end(key)
+            return hit
+        out = self._parsed[key] = parse(img, canvas)
+        if len(self._parsed) > _MEMORY:
+            self._parsed.popitem(last=False)
+        return out
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[TurnVerdict]:
         out = []
@@ -31,6 +53,8 @@ class ProgramJudge:
                         f"session {s.id}: the program judge needs ShapesWorld sessions (with source_scene and "
                         f"expected scenes); use a vlm judge for other records") from None
             sc = cache[s.id]
-            out.append(judge_turn(r.image, sc[r.turn - 1], sc[r.turn], s.turns[r.turn - 1], r.turn,
-                                  s.global_constraint, s.id, source_image=r.prev if s.turns[r.turn - 1].pronoun else None))
+            prev, nxt, turn = sc[r.turn - 1], sc[r.turn], s.turns[r.turn - 1]
+            parsed = self._parse(r.image, nxt.canvas)
+            source = self._parse(r.prev, prev.canvas) if turn.pronoun else None
+            out.append(judge_parsed(parsed, prev, nxt, turn, r.turn, s.global_constraint, s.id, source))
         return out
