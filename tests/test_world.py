@@ -1004,3 +1004,18 @@ def test_program_judge_equals_judge_turn_with_the_turn_input(corpus):
     for i, v in zip(order, got):
         assert v == want[i], (reqs[i].session.id, reqs[i].turn)
     assert judge.judge(reqs) == want                      # all remembered now
+
+
+def test_program_judge_memory_is_bounded(corpus, monkeypatch):
+    import editrl.judges.program as program
+
+    monkeypatch.setattr(program, "_MEMORY_BYTES", 100_000)
+    judge = program.ProgramJudge()
+    for s, scenes in corpus[:10]:
+        for sc in scenes:
+            judge._parse(render(sc), sc.canvas)
+            assert judge._bytes <= 100_000 and len(judge._parsed) >= 1
+    assert judge._bytes == sum(size for _, size in judge._parsed.values())
+    monkeypatch.setattr(program, "_MEMORY", 2)
+    judge._parse(degrade(render(corpus[0][1][0]), np.random.default_rng(0)), 64)
+    assert len(judge._parsed) == 2

@@ -13,7 +13,8 @@ from ..world.parse import Parsed, parse
 from ..world.verify import judge_parsed
 from .base import JudgeRequest
 
-_MEMORY = 1024   # parsed images remembered (a pronoun turn's input is the previous turn's output)
+_MEMORY = 1024            # parsed images remembered (a pronoun turn's input is the previous turn's output)
+_MEMORY_BYTES = 64 << 20  # ... holding at most this many bytes (images and their parsed masks)
 
 
 class ProgramJudge:
@@ -21,7 +22,8 @@ class ProgramJudge:
     prompt_version = ""
 
     def __init__(self) -> None:
-        self._parsed: OrderedDict[tuple, Parsed] = OrderedDict()   # exact image bytes -> parse
+        self._parsed: OrderedDict[tuple, tuple[Parsed, int]] = OrderedDict()   # exact image bytes -> (parse, size)
+        self._bytes = 0
 
     def params(self) -> dict[str, Any]:
         # CU reads which objects a turn edited from the turn's own input image (verify.py)
@@ -34,10 +36,13 @@ class ProgramJudge:
         hit = self._parsed.get(key)
         if hit is not None:
             self._parsed.move_to_end(key)
-            return hit
-        out = self._parsed[key] = parse(img, canvas)
-        if len(self._parsed) > _MEMORY:
-            self._parsed.popitem(last=False)
+            return hit[0]
+        out = parse(img, canvas)
+        size = len(key[3]) + sum(d.mask.nbytes for d in out.objects) + sum(r.mask.nbytes for r in out.residue)
+        self._parsed[key] = (out, size)
+        self._bytes += size
+        while len(self._parsed) > _MEMORY or (self._bytes > _MEMORY_BYTES and len(self._parsed) > 1):
+            self._bytes -= self._parsed.popitem(last=False)[1][1]
         return out
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[TurnVerdict]:
