@@ -209,7 +209,7 @@ def test_text_grpo_on_policy_ratio_is_one():
     assert torch.allclose(lp[valid], lp_sample[valid], atol=1e-5)     # sampling log-probs = recomputed ones
     loss, st = text_grpo_loss(lp, lp.detach(), torch.ones(len(ids)), valid.float())
     assert st["ratio_mean"] == pytest.approx(1.0) and st["ratio_max"] == pytest.approx(1.0) and st["clip_frac"] == 0.0
-    assert float(loss) == pytest.approx(-1.0)                          # −A·r with r = 1, A = 1
+    assert loss.item() == pytest.approx(-1.0)                        # −A·r with r = 1, A = 1
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
