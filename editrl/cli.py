@@ -527,6 +527,9 @@ def bench_compare(
             table.add_row(str(r["turn"]), {"success_all": "success@k"}.get(m, m), _rate(d["a"]), _rate(d["b"]),
                           "-" if d["diff"] is None else f"{d['diff']:+.3f}", ci, end_section=m == res["metrics"][-1])
     err.print(table)
+    if res["judge_settings_differ"]:
+        err.print(f"note: the runs were judged with different judge settings ({escape(res['judge_settings_differ'])}); "
+                  f"a difference may come from the judge, not the editor")
     emit(res)
 
 

@@ -454,7 +454,7 @@ def test_compare_paired_differences(gt_run, fault_world, world, tmp_path, capsys
     code, so, se = call(capsys, "bench", "compare", out_a, out_a)
     assert code == 0, se
     same = last_json(so)
-    assert same["common_sessions"] == 12
+    assert same["common_sessions"] == 12 and same["judge_settings_differ"] is None
     for row in same["per_turn"]:
         for m in ("success", "success_all", "IF", "CC", "O"):
             assert row[m]["diff"] == 0.0 and row[m]["ci95"] == [0.0, 0.0]
@@ -470,6 +470,16 @@ def test_compare_paired_differences(gt_run, fault_world, world, tmp_path, capsys
     assert last["diff"] < 0 and last["ci95"][1] < 0
     code, so, se = call(capsys, "bench", "compare", out_a, bad)
     assert_bad_input(code, so, se, "different suites")
+    # runs judged under other judge settings: compared, with a note saying so
+    older = tmp_path / "older"
+    shutil.copytree(gt, older)
+    settings = json.loads((older / "results.json").read_text())
+    settings["settings"]["judge"]["params"] = {}
+    (older / "results.json").write_text(json.dumps(settings))
+    code, so, se = call(capsys, "bench", "compare", older, gt)
+    assert code == 0, se
+    assert last_json(so)["judge_settings_differ"] == 'params.cu: A null, B "turn-input"'
+    assert "different judge settings" in se
     code, so, se = call(capsys, "bench", "compare", out_a, tmp_path / "nothing")
     assert_bad_input(code, so, se, "no results.json")
 

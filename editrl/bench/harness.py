@@ -858,9 +858,13 @@ def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int
     ob.exists &= oa.exists  # a turn counts only where both runs have it
     oa.exists &= ob.exists
     rows = paired_differences(oa, ob, n_boot=n_boot, seed=seed)
+    ja, jb = (r["settings"].get("judge") if isinstance(r["settings"], dict) else None for r in (ra, rb))
+    ja, jb = ({k: j.get(k) for k in ("id", "prompt_version", "params", "options")} if isinstance(j, dict) else {}
+              for j in (ja, jb))
+    differs = None if ja == jb else _first_difference(ja, jb).replace(": was ", ": A ").replace(", now ", ", B ")
     return {"a": str(dir_a), "b": str(dir_b), "suite": ka,
             "editor_a": ra.get("editor"), "editor_b": rb.get("editor"),
-            "judge_a": ra.get("judge"), "judge_b": rb.get("judge"),
+            "judge_a": ra.get("judge"), "judge_b": rb.get("judge"), "judge_settings_differ": differs,
             "common_sessions": len(common), "only_a": len(set(ta) - set(tb)), "only_b": len(set(tb) - set(ta)),
             "metrics": list(COMPARED), "bootstrap": {"resamples": n_boot, "seed": seed, "paired": True},
             "per_turn": rows}
