@@ -1,7 +1,8 @@
 """`editrl world check`: the judge must pass every ground-truth turn and catch every single fault.
 
 For each sampled session, every turn's ground truth is rendered and judged (every verdict
-must pass); then, for every fault type, one turn where the fault applies is perturbed and
+must pass; a pronoun turn is judged with its input image, the previous turn's ground truth);
+then, for every fault type, one turn where the fault applies is perturbed and
 judged (the turn must fail). Faults are built on scenes (so they are exact) except the
 pixel-level ones (a faint ghost, background texture). With `degrade`, every image goes
 through blur, noise, colour shift and soft edges first.
@@ -179,8 +180,11 @@ def _check_session(args: tuple[int, int, GrammarConfig, bool]) -> dict[str, Any]
     out: dict[str, Any] = {"gt_turns": 0, "gt_pass": 0, "gt_failures": [], "faults": {},
                            "graded_cc": defaultdict(list)}
     gc = s.global_constraint
+    # a pronoun turn's CU reads what the turn changed from its input image: the ground truth
+    # of the turn before, through the same degradation
+    inputs = [post(render(sc)) if k < len(s.turns) and s.turns[k].pronoun else None for k, sc in enumerate(scenes)]
     for k, turn in enumerate(s.turns, start=1):
-        v = judge_turn(post(render(scenes[k])), scenes[k - 1], scenes[k], turn, k, gc, s.id)
+        v = judge_turn(post(render(scenes[k])), scenes[k - 1], scenes[k], turn, k, gc, s.id, source_image=inputs[k - 1])
         out["gt_turns"] += 1
         out["gt_pass"] += bool(v.success)
         out["graded_cc"]["ground_truth"].append(v.CC.score)
@@ -198,7 +202,7 @@ def _check_session(args: tuple[int, int, GrammarConfig, bool]) -> dict[str, Any]
             img = make_fault(fault, s, k, scenes, rng)
             if img is None:
                 continue
-            v = judge_turn(post(img), scenes[k - 1], scenes[k], s.turns[k - 1], k, gc, s.id)
+            v = judge_turn(post(img), scenes[k - 1], scenes[k], s.turns[k - 1], k, gc, s.id, source_image=inputs[k - 1])
             caught = v.success is False
             out["faults"][fault] = {"caught": caught, "by": v.failed(), "session": s.id, "turn": k,
                                     "instruction": s.turns[k - 1].instruction}
