@@ -241,11 +241,11 @@ def test_text_grpo_masks_and_clips():
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])          # the second sample masked out
     loss, st = text_grpo_loss(lp, old, torch.tensor([1.0, 100.0]), mask, clip_range=0.2)
     assert st["n_tokens"] == 2 and st["clip_frac"] == 0.5
-    assert float(loss) == pytest.approx(-(1.0 + 1.2) / 2)            # max(−r, −clip(r)) with A = 1
+    assert loss.item() == pytest.approx(-(1.0 + 1.2) / 2)          # max(−r, −clip(r)) with A = 1
     loss.backward()
     assert lp.grad[1].abs().sum() == 0 and lp.grad[0, 1] == 0 and lp.grad[0, 0] != 0   # clipped token: no gradient
     z, st = text_grpo_loss(lp, old, torch.ones(2), torch.zeros(2, 3))
-    assert float(z) == 0.0 and st == {"n_tokens": 0}
+    assert z.item() == 0.0 and st == {"n_tokens": 0}
 
 
 def test_tiny_policy_scene_objects_are_one_position_each():
