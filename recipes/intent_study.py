@@ -15,7 +15,8 @@ step is an `editrl` command, so a killed study resumes where it stopped.
    - mt-editflow:  DiffusionNFT with the broadcast trajectory advantage, in-context text;
    - nft+joint:    DiffusionNFT + broadcast + joint tiny-policy GRPO (the combination).
 4. Their benchmark rows, and DIR/study.md + DIR/study.json: success@k per row with 95%
-   bootstrap intervals and the difference to the in-context baseline.
+   bootstrap intervals, the difference to the in-context baseline, and CU over all pronoun
+   turns.
 """
 
 from __future__ import annotations
@@ -43,7 +44,22 @@ def bench(out: Path, name: str, editor: str, args: argparse.Namespace, *extra: s
     sh("bench", "--suite", "shapes-long", "--sessions", str(args.sessions), "--seed", str(args.seed),
        "--editor", editor, "--judge", "program", "--out", str(out / "bench" / name), "--no-cache", "--strips", "8",
        *extra)
-    return json.loads((out / "bench" / name / "results.json").read_text())
+    res = json.loads((out / "bench" / name / "results.json").read_text())
+    res["pronoun_cu"] = pronoun_cu(out / "bench" / name / "records.jsonl")
+    return res
+
+
+def pronoun_cu(records: Path) -> dict:
+    """CU over every judged pronoun turn of a run (judge errors left out, and counted)."""
+    n = passed = errors = 0
+    for line in records.read_text().splitlines():
+        status = json.loads(line).get("verdict", {}).get("CU", {}).get("status")
+        if status in ("pass", "fail"):
+            n += 1
+            passed += status == "pass"
+        elif status == "judge_error":
+            errors += 1
+    return {"rate": passed / n if n else None, "turns": n, "judge_errors": errors}
 
 
 def train(out: Path, name: str, preset: str, args: argparse.Namespace, *overrides: str) -> Path:
@@ -102,17 +118,20 @@ def main() -> None:
     K = max(r["turn"] for r in base["per_turn"])
     lines = [f"Held-out shapes-long: {args.sessions} sessions, seed {args.seed}, editor {args.editor}, "
              f"RL runs {args.minutes} min each.", "",
-             "| row | " + " | ".join(f"success@{k}" for k in range(1, K + 1)) + f" | 95% CI @{K} | Δ@{K} vs in-context |",
-             "|---|" + "---|" * (K + 2)]
+             "| row | " + " | ".join(f"success@{k}" for k in range(1, K + 1)) + f" | 95% CI @{K} | Δ@{K} vs in-context "
+             "| CU, pronoun turns |",
+             "|---|" + "---|" * (K + 3)]
     table = {}
     for name, res in rows.items():
         cells = [s_at(res, k)["success_all"] for k in range(1, K + 1)]
         ci = (s_at(res, K).get("ci95") or {}).get("success_all")
         delta = cells[-1] - s_at(base, K)["success_all"]
         lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) +
-                     f" | {('[%.3f, %.3f]' % tuple(ci)) if ci else '-'} | {delta:+.3f} |")
+                     f" | {('[%.3f, %.3f]' % tuple(ci)) if ci else '-'} | {delta:+.3f} | "
+                     + (f"{cu['rate']:.3f} ({cu['turns']})" if (cu := res["pronoun_cu"])["rate"] is not None else "-")
+                     + " |")
         table[name] = {"success_all": cells, "ci_last": ci, "delta_last_vs_in_context": delta,
-                       "CU": [s_at(res, k).get("CU") for k in range(1, K + 1)]}
+                       "CU": [s_at(res, k).get("CU") for k in range(1, K + 1)], "CU_pronoun_turns": res["pronoun_cu"]}
     (out / "study.md").write_text("\n".join(lines) + "\n")
     (out / "study.json").write_text(json.dumps(table, indent=2) + "\n")
     print("\n".join(lines), file=sys.stderr)
