@@ -213,7 +213,7 @@ def weights_sha256(path: str | os.PathLike) -> str:
         try:
             n = int.from_bytes(head, "little")
             header = json.loads(f.read(n)) if len(head) == 8 and n < (1 << 27) else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except ValueError:                      # not UTF-8, or not JSON
             header = None
         if not isinstance(header, dict):
             return sha256_file(path)            # not a readable safetensors header: the raw bytes

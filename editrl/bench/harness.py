@@ -833,6 +833,12 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[str
     return results, read_records(d / "records.jsonl", repair=False)
 
 
+def _judge_identity(results: dict[str, Any]) -> dict[str, Any]:
+    """The judge settings that decide a run's verdicts (id, prompt version, params, options)."""
+    j = (results.get("settings") or {}).get("judge")
+    return {k: j.get(k) for k in ("id", "prompt_version", "params", "options")} if isinstance(j, dict) else {}
+
+
 def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per turn, B − A for success, success@k, IF, CC and O over the sessions both runs hold
     (matched by id), with paired bootstrap intervals. The runs must share a suite."""
@@ -858,9 +864,7 @@ def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int
     ob.exists &= oa.exists  # a turn counts only where both runs have it
     oa.exists &= ob.exists
     rows = paired_differences(oa, ob, n_boot=n_boot, seed=seed)
-    ja, jb = (r["settings"].get("judge") if isinstance(r["settings"], dict) else None for r in (ra, rb))
-    ja, jb = ({k: j.get(k) for k in ("id", "prompt_version", "params", "options")} if isinstance(j, dict) else {}
-              for j in (ja, jb))
+    ja, jb = _judge_identity(ra), _judge_identity(rb)
     differs = None if ja == jb else _first_difference(ja, jb).replace(": was ", ": A ").replace(", now ", ", B ")
     return {"a": str(dir_a), "b": str(dir_b), "suite": ka,
             "editor_a": ra.get("editor"), "editor_b": rb.get("editor"),

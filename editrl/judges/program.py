@@ -25,6 +25,10 @@ class ProgramJudge:
         self._parsed: OrderedDict[tuple, tuple[Parsed, int]] = OrderedDict()   # exact image bytes -> (parse, size)
         self._bytes = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # sent to worker processes with every call: without the remembered parses
+        return {**self.__dict__, "_parsed": OrderedDict(), "_bytes": 0}
+
     def params(self) -> dict[str, Any]:
         # CU reads which objects a turn edited from the turn's own input image (verify.py)
         return {"cu": "turn-input"}

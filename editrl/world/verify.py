@@ -152,7 +152,7 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
         IF = _check(ok, float(ok), "" if ok else f"background is {parsed.background}, expected {nxt.background}")
     elif t == "remove":
         o = prev.get(tid)
-        still = [d for d in extras if (d.color, d.shape) == (o.color, o.shape) or d.cell == o.cell]
+        still = _remnants(o, extras)
         if still:
             IF = _check(False, 0.0, f"{o.describe()} still present ({_desc_det(still[0])})")
         elif residue_at_old:
@@ -162,7 +162,7 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
     elif t == "count":
         want = sorted((o for o in nxt.objects if o.id in edited_ids), key=lambda o: o.cell)
         cat = want[0].category()
-        got = [d for d in parsed.objects if (d.color, d.shape, d.size, d.fill) == cat]
+        got = _copies(parsed, cat)
         bad = [o for o in want if _obj_report(o, matched[o.id])[0]]
         ok = len(got) == len(want) and not bad
         reason = ""
@@ -247,12 +247,11 @@ def _pronoun_check(t: str, tid: int | None, prev: Scene, nxt: Scene, matched: di
     req = _requested_attr(t)
     if t == "remove":
         o = prev.get(tid)
-        gone = not any((d.color, d.shape) == (o.color, o.shape) or d.cell == o.cell for d in extras)
-        referent_ok, why = gone, f"{o.describe()} still present"
+        referent_ok, why = not _remnants(o, extras), f"{o.describe()} still present"
     elif t == "count":
         cat = prev.get(tid).category()
         want = sum(o.category() == cat for o in nxt.objects)
-        got = sum((d.color, d.shape, d.size, d.fill) == cat for d in parsed.objects)
+        got = len(_copies(parsed, cat))
         referent_ok, why = got == want, f"{got} {cat[0]} {cat[1]}(s), expected {want}"
     elif req is not None and tid is not None and nxt.has(tid):
         o = nxt.get(tid)
@@ -265,16 +264,11 @@ def _pronoun_check(t: str, tid: int | None, prev: Scene, nxt: Scene, matched: di
     for o in others:
         if not prev.has(o.id):
             continue
-        before = source_of.get(o.id) if source is not None else None
-        if source is not None and before is None:
+        before = prev.get(o.id) if source is None else source_of[o.id]
+        if before is None:
             continue                            # already missing from the input: not this turn's doing
         after = matched[o.id]
-        if after is None:
-            changed.append(o)
-        elif before is not None:
-            if _attr_values(before) != _attr_values(after):
-                changed.append(o)
-        elif diff_attrs(prev.get(o.id), after):
+        if after is None or _attr_values(after) != _attr_values(before):
             changed.append(o)
     reason = ""
     if changed:
@@ -282,6 +276,16 @@ def _pronoun_check(t: str, tid: int | None, prev: Scene, nxt: Scene, matched: di
     elif not referent_ok:
         reason = f"'it' did not receive the edit: {why}"
     return _check(referent_ok and not changed, 0.5 * referent_ok + 0.5 * (not changed), reason)
+
+
+def _remnants(o: Obj, extras: list[Detection]) -> list[Detection]:
+    """Unmatched detections that could still be removed object `o` (its colour and shape, or its cell)."""
+    return [d for d in extras if (d.color, d.shape) == (o.color, o.shape) or d.cell == o.cell]
+
+
+def _copies(parsed: Parsed, cat: tuple) -> list[Detection]:
+    """Detections of category `cat` = (color, shape, size, fill)."""
+    return [d for d in parsed.objects if (d.color, d.shape, d.size, d.fill) == cat]
 
 
 def _requested_attr(t: str) -> str | None:
