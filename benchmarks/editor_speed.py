@@ -3,8 +3,9 @@ peak memory. Prints a table and writes JSON.
 
     python benchmarks/editor_speed.py [--editor tiny|tiny:PATH] [--threads 2] [--compile] [--out runs/bench/editor_speed.json]
 
---compile adds the batch-64 edit through torch.compile (TinyEditor.compile) and the one-off
-compile time (cold: inductor's on-disk cache empty; warm: a second process).
+--compile adds the batch-64 edit through torch.compile (TinyEditor.compile), with live and
+with frozen weights (`compile(freeze=True)`, what `editrl bench --compile` uses), and each
+one-off compile time (cold: inductor's on-disk cache empty; warm: a second process).
 """
 
 from __future__ import annotations
@@ -60,21 +61,25 @@ def main() -> None:
         rows.append({"what": f"edit, batch {bs}, {args.steps} ODE steps", "seconds": t, "edits_per_s": bs / t})
 
     if args.compile:
-        ed.compile()
-        gen = torch.Generator().manual_seed(0)
-        t0 = time.perf_counter()
-        ed.edit(src, texts, generator=gen, steps=args.steps)                    # compiles
-        rows.append({"what": "torch.compile, first batch-64 edit", "seconds": time.perf_counter() - t0,
-                     "edits_per_s": None})
-        times = []
-        for _ in range(args.repeats):
+        for freeze in (False, True):
+            label = "compiled, frozen weights" if freeze else "compiled"
+            ed.compile(freeze=freeze)
+            gen = torch.Generator().manual_seed(0)
             t0 = time.perf_counter()
-            ed.edit(src, texts, generator=gen, steps=args.steps)
-            times.append(time.perf_counter() - t0)
-        t = float(np.median(times))
-        rows.append({"what": f"edit, batch 64, {args.steps} ODE steps, compiled", "seconds": t, "edits_per_s": 64 / t})
-        if ed._compiled is None:
-            raise SystemExit("torch.compile failed (see above); no compiled numbers")
+            ed.edit(src, texts, generator=gen, steps=args.steps)                # compiles
+            rows.append({"what": f"torch.compile ({label}), first batch-64 edit",
+                         "seconds": time.perf_counter() - t0, "edits_per_s": None})
+            if ed._compiled is None:
+                raise SystemExit("torch.compile failed (see above); no compiled numbers")
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ed.edit(src, texts, generator=gen, steps=args.steps)
+                times.append(time.perf_counter() - t0)
+            t = float(np.median(times))
+            rows.append({"what": f"edit, batch 64, {args.steps} ODE steps, {label}", "seconds": t,
+                         "edits_per_s": 64 / t})
+        ed._compiled = ed._frozen_at = None
 
     ed.net.train()
     opt = torch.optim.AdamW(ed.net.parameters(), lr=1e-5)
@@ -92,10 +97,10 @@ def main() -> None:
     result = {"editor": args.editor, "params": n_params, "threads": args.threads, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
               "peak_rss_mb": round(peak_rss_mb(), 1), "rows": rows}
-    print(f"{'measurement':<40} {'seconds':>10} {'edits/s':>10}")
+    print(f"{'measurement':<58} {'seconds':>10} {'edits/s':>10}")
     for r in rows:
         eps = "-" if r["edits_per_s"] is None else f"{r['edits_per_s']:.1f}"
-        print(f"{r['what']:<40} {r['seconds']:>10.4f} {eps:>10}")
+        print(f"{r['what']:<58} {r['seconds']:>10.4f} {eps:>10}")
     print(f"params {n_params / 1e6:.2f}M, threads {args.threads}, peak RSS {result['peak_rss_mb']} MB")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -449,7 +449,7 @@ def bench(
     allow_missing: bool = typer.Option(False, "--allow-missing", help="outputs:DIR: score a missing image (and later turns) as missing instead of failing"),
     chunk_size: int = typer.Option(64, "--chunk-size", help="turns per judge call and per records.jsonl append"),
     judge_workers: int = typer.Option(1, "--judge-workers", help="program judge: worker processes"),
-    compile_editor: bool = typer.Option(False, "--compile", help="tiny editor: run it through torch.compile (~1.2-1.4x faster at batch 64 after a one-off compile of ~1 min per batch size)"),
+    compile_editor: bool = typer.Option(False, "--compile", help="tiny editor: run it through torch.compile with frozen weights (~1.3-1.5x faster at batch 64 after a one-off compile of ~0.5-1 min per batch size)"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="vlm judges: the model name"),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="vlm judges: judging protocol"),
     votes: Optional[int] = typer.Option(None, "--votes", help="vlm judges: samples per verdict (majority)"),

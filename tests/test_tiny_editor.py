@@ -505,12 +505,49 @@ def test_compiled_forward_is_used_for_inference_only_and_never_copied(monkeypatc
     assert copy._compiled is None and ed._compiled is not None
 
 
+def test_frozen_compile_steps_aside_when_the_weights_change(monkeypatch, capsys):
+    """A frozen compile bakes the weights in: after an optimizer step or load_state_dict the
+    next inference forward says so in one line and recompiles reading the live weights."""
+    ed = small_editor()
+    compiles = []
+
+    def fake_compile(net, **kw):
+        compiles.append(kw.get("options"))
+        return lambda *args: net(*args)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    ed.compile(freeze=True)
+    assert compiles == [{"freezing": True}]
+    images, texts = _edit_inputs(2)
+    cond = ed.encode(images_to_tensor(images), texts)
+    x, sigma = torch.randn(2, 3, 64, 64), torch.tensor([0.4, 0.9])
+    with torch.no_grad():
+        ed.velocity(x, sigma, cond)
+        ed.velocity(x, sigma, cond)
+    assert len(compiles) == 1 and capsys.readouterr().err == ""
+    opt = torch.optim.SGD(ed.trainable_parameters(), lr=1e-3)
+    ed.velocity(x, sigma, cond).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        ed.velocity(x, sigma, cond)
+        ed.velocity(x, sigma, cond)
+    assert compiles == [{"freezing": True}, None]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights changed after a frozen compile" in err
+    ed.compile(freeze=True)
+    ed.load_state_dict(small_editor().state_dict())
+    with torch.no_grad():
+        ed.velocity(x, sigma, cond)
+    assert compiles[-1] is None and len(compiles) == 4
+
+
 @pytest.mark.skipif(not os.environ.get("EDITRL_COMPILE_TEST"), reason="compiles C++ kernels (~1 min); set EDITRL_COMPILE_TEST=1")
 def test_real_torch_compile_matches_eager():
     ed = small_editor()
     images, texts = _edit_inputs()
     want = images_to_tensor(ed.edit(images, texts, generator=torch.Generator().manual_seed(0), steps=3))
-    ed.compile()
-    got = images_to_tensor(ed.edit(images, texts, generator=torch.Generator().manual_seed(0), steps=3))
-    assert ed._compiled is not None
-    assert (got - want).abs().max() <= 2 / 127.5          # uint8 images: at most a rounding step apart
+    for freeze in (False, True):
+        ed.compile(freeze=freeze)
+        got = images_to_tensor(ed.edit(images, texts, generator=torch.Generator().manual_seed(0), steps=3))
+        assert ed._compiled is not None
+        assert (got - want).abs().max() <= 2 / 127.5      # uint8 images: at most a rounding step apart

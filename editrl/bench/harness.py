@@ -721,7 +721,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
     if cfg.compile:
         if not hasattr(editor, "compile"):
             raise EditrlInputError(f"--compile applies to the tiny editor, not {cfg.editor}")
-        editor.compile()
+        editor.compile(freeze=True)             # a benchmark never changes the editor's weights
     if cfg.steps is not None and cfg.steps < 1:
         raise EditrlInputError(f"--steps must be at least 1, got {cfg.steps}")
     steps = None if precomputed else (cfg.steps or getattr(editor, "default_steps", 10))
