@@ -983,6 +983,56 @@ def test_cu_reads_the_requested_attribute_and_leaves_the_rest_to_if(corpus):
     assert n == 20
 
 
+def test_cu_asks_which_object_was_edited_not_how_well(corpus):
+    """The referent edited, but not to the asked value (another colour or shape, the wrong
+    cell, one copy too many): the pronoun was resolved (CU pass); the edit is wrong (IF fail)."""
+    from dataclasses import replace as with_
+
+    other = {"color": tuple(COLORS), "shape": SHAPES, "fill": FILLS, "size": SIZES}
+    seen: Counter = Counter()
+    for s, scenes, k, t in _pronoun_turns(corpus, types=("color", "replace", "position", "count")):
+        prev, nxt, tid = scenes[k - 1], scenes[k], int(t.target["id"])
+        if t.task_type == "count":
+            cat = prev.get(tid).category()
+            had, want = len(prev.category_members(cat)), len(nxt.category_members(cat))
+            if want <= had or not nxt.free_cells():
+                continue
+            # one copy too many ("duplicate it" made three): the right object, duplicated
+            extra = with_(prev.get(tid), id=nxt.next_id, cell=nxt.free_cells()[0])
+            out_scene = nxt.with_objects([*nxt.objects, extra])
+        else:
+            o = nxt.get(tid)
+            attr = {"color": "color", "replace": "shape", "position": "cell"}[t.task_type]
+            if attr == "cell":
+                cells = [c for c in nxt.free_cells() if c != prev.get(tid).cell]
+                if not cells:
+                    continue
+                wrong = cells[0]
+            else:
+                wrong = next(v for v in other[attr] if v not in (getattr(o, attr), getattr(prev.get(tid), attr))
+                             and (attr != "color" or v != nxt.background))
+            out_scene = nxt.with_objects([with_(o, **{attr: wrong}) if x.id == tid else x for x in nxt.objects])
+        out = render(out_scene)
+        v = judge_turn(out, prev, nxt, t, k, s.global_constraint, s.id, source_image=render(prev))
+        assert v.CU.status == "pass" and v.CU.score == 1.0, (s.id, k, t.instruction, v.CU.reason)
+        assert v.IF.status == "fail", (s.id, k, t.instruction)
+        seen[t.task_type] += 1
+    assert min(seen[x] for x in ("color", "replace", "position", "count")) >= 3, seen
+
+
+def test_cu_passes_when_the_input_already_shows_the_asked_value(corpus):
+    """An earlier turn's defect already gave the referent the asked value; the turn's output
+    keeps it and is right: CU passes (the referent shows what was asked), as do IF and CC."""
+    n = 0
+    for s, scenes, k, t in _pronoun_turns(corpus, types=("color", "material", "size", "replace")):
+        prev, nxt, tid = scenes[k - 1], scenes[k], int(t.target["id"])
+        early = prev.with_objects([nxt.get(tid) if x.id == tid else x for x in prev.objects])
+        v = judge_turn(render(nxt), prev, nxt, t, k, s.global_constraint, s.id, source_image=render(early))
+        assert v.CU.status == "pass" and v.success, (s.id, k, t.instruction, v.CU.reason)
+        n += 1
+    assert n >= 20
+
+
 def test_program_judge_equals_judge_turn_with_the_turn_input(corpus):
     """ProgramJudge remembers parses by exact image bytes (a pronoun turn's input is the turn
     before's output): its verdicts equal judge_turn's with `source_image`, on model-like

@@ -30,8 +30,9 @@ class ProgramJudge:
         return {**self.__dict__, "_parsed": OrderedDict(), "_bytes": 0}
 
     def params(self) -> dict[str, Any]:
-        # CU reads which objects a turn edited from the turn's own input image (verify.py)
-        return {"cu": "turn-input"}
+        # CU reads which objects a turn edited from the turn's own input image, and asks
+        # whether the referent's requested attribute changed, not its value (verify.py)
+        return {"cu": "turn-input", "cu_referent": "attribute-changed"}
 
     def _parse(self, img: np.ndarray, canvas: int) -> Parsed:
         """parse(img), remembered by the image's exact bytes: the input of a pronoun turn is

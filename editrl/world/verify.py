@@ -15,8 +15,9 @@ The output image is parsed and its objects are matched to the expected scene aft
 - GA: where a global rule governs the turn, it holds (colour / fill of the edited object,
   or the protected object untouched).
 - CU: on a pronoun turn, the object the pronoun denotes received the edit (the attribute
-  asked for; IF judges the rest) and no other object was changed by this turn (read against
-  the turn's input image when the caller gives it, so inherited defects are not charged).
+  the instruction is about changed on it; whether to the asked value is IF's business) and
+  no other object was changed by this turn (read against the turn's input image when the
+  caller gives it, so inherited defects are not charged).
 """
 
 from __future__ import annotations
@@ -237,38 +238,50 @@ def _pronoun_check(t: str, tid: int | None, prev: Scene, nxt: Scene, matched: di
                    extras: list[Detection], parsed: Parsed, source: Parsed | None, others: list[Obj], IF: CheckResult) -> CheckResult:
     """CU: the edit landed on the object the pronoun denotes, and on no other object.
 
-    Whether the referent received the edit is read from the attribute the instruction asks
-    for (its other attributes are IF's business): the colour of a recolour, the shape of a
-    replacement, the cell of a move, ...; for `remove` the object is gone, for `count` its
-    category shows the asked number of copies. Another object received an edit when it
-    changed during this turn: compared with its look in `source` (the parsed input image)
-    when given, so a defect inherited from an earlier turn is not charged to this one, else
-    with the expected previous scene."""
+    This asks which object was edited, not how well: whether the edit reached the exact
+    value asked for is IF's business. The referent received the edit when the attribute the
+    instruction is about shows the asked value or changed on it during this turn: its colour
+    for a recolour, its shape for a replacement, its cell for a move, its fill, its size; for
+    `remove` it is gone; for `count` the number of copies of its kind is the asked one or
+    moved towards it.
+    Another object received an edit when any of its attributes changed during this turn.
+    "During this turn" compares with `source` (the parsed input image) when given, so a
+    defect inherited from an earlier turn is not charged to this one, else with the expected
+    previous scene."""
     req = _requested_attr(t)
+    source_of: dict[int, Detection | None] = match(prev, source)[0] if source is not None else {}
+
+    def before(o: Obj) -> Obj | Detection | None:
+        return o if source is None else source_of[o.id]
+
     if t == "remove":
         o = prev.get(tid)
         referent_ok, why = not _remnants(o, extras), f"{o.describe()} still present"
     elif t == "count":
         cat = prev.get(tid).category()
         want = sum(o.category() == cat for o in nxt.objects)
+        had = len(_copies(source, cat)) if source is not None else sum(o.category() == cat for o in prev.objects)
         got = len(_copies(parsed, cat))
-        referent_ok, why = got == want, f"{got} {cat[0]} {cat[1]}(s), expected {want}"
-    elif req is not None and tid is not None and nxt.has(tid):
-        o = nxt.get(tid)
-        diffs, why = _obj_report(o, matched[o.id], [req])
-        referent_ok = not diffs
+        referent_ok = got == want or (got - had) * (want - had) > 0
+        why = f"{got} {cat[0]} {cat[1]}(s) from {had}, asked {want}"
+    elif req is not None and tid is not None and nxt.has(tid) and prev.has(tid):
+        o, d = prev.get(tid), matched[tid]
+        was = before(o) or o                    # the referent missing from the input: the expected look
+        asked, had = getattr(nxt.get(tid), req), getattr(was, req)
+        now = None if d is None else getattr(d, req)
+        referent_ok = d is not None and (now == asked or now != had)
+        why = f"{o.describe()} not found" if d is None else f"its {req} stayed {_fmt(req, had)}"
     else:                                       # a pronoun turn of another kind: IF decides
         referent_ok, why = IF.status == "pass", IF.reason
-    source_of: dict[int, Detection | None] = match(prev, source)[0] if source is not None else {}
     changed = []
     for o in others:
         if not prev.has(o.id):
             continue
-        before = prev.get(o.id) if source is None else source_of[o.id]
-        if before is None:
+        was = before(prev.get(o.id))
+        if was is None:
             continue                            # already missing from the input: not this turn's doing
         after = matched[o.id]
-        if after is None or _attr_values(after) != _attr_values(before):
+        if after is None or _attr_values(after) != _attr_values(was):
             changed.append(o)
     reason = ""
     if changed:
