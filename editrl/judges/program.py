@@ -30,8 +30,8 @@ class ProgramJudge:
         return {**self.__dict__, "_parsed": OrderedDict(), "_bytes": 0}
 
     def params(self) -> dict[str, Any]:
-        # CU reads which objects a turn edited from the turn's own input image, and asks
-        # whether the referent's requested attribute changed, not its value (verify.py)
+        # CU reads which objects a turn edited from the turn's own input image; the referent
+        # counts as edited when its requested attribute shows the asked value or changed (verify.py)
         return {"cu": "turn-input", "cu_referent": "attribute-changed"}
 
     def _parse(self, img: np.ndarray, canvas: int) -> Parsed:
