@@ -16,9 +16,9 @@ The output image is parsed and its objects are matched to the expected scene aft
   or the protected object untouched).
 - CU: on a pronoun turn, the object the pronoun denotes received the edit (the attribute
   the instruction is about shows the asked value or changed on it this turn; whether the
-  value is right is IF's business) and
-  no other object was changed by this turn (read against the turn's input image when the
-  caller gives it, so inherited defects are not charged).
+  value is right is IF's business) and no other object was changed by this turn (read
+  against the turn's input image when the caller gives it, so inherited defects are not
+  charged).
 """
 
 from __future__ import annotations
