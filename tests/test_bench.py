@@ -41,7 +41,7 @@ RIGHT_CHECK = {
     "wrong_fill": {"IF", "GA"}, "wrong_cell": {"IF"}, "wrong_count": {"IF"}, "wrong_object": {"IF", "CC", "GA"},
     "extra_object": {"CC", "IF"}, "other_changed": {"CC"}, "other_removed": {"CC"}, "other_moved": {"CC"},
     "background_changed": {"CC", "IF"}, "constraint_violated": {"GA"}, "pronoun_wrong_object": {"CU"},
-    "ghost": {"IF", "CC"},
+    "ghost": {"IF", "CC"}, "faint_ghost": {"IF", "CC"},
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..session import EditrlInputError, TurnVerdict
 from ..world.grammar import session_scenes
-from ..world.parse import Parsed, parse
+from ..world.parse import RESIDUE_FLOOR, RESIDUE_NOISE_K, Parsed, parse
 from ..world.verify import judge_parsed
 from .base import JudgeRequest
 
@@ -31,8 +31,10 @@ class ProgramJudge:
 
     def params(self) -> dict[str, Any]:
         # CU reads which objects a turn edited from the turn's own input image; the referent
-        # counts as edited when its requested attribute shows the asked value or changed (verify.py)
-        return {"cu": "turn-input", "cu_referent": "attribute-changed"}
+        # counts as edited when its requested attribute shows the asked value or changed (verify.py);
+        # residue is a box-mean deviation above max(floor, k * the image's own noise) (parse.py)
+        return {"cu": "turn-input", "cu_referent": "attribute-changed",
+                "residue": f"box-floor{RESIDUE_FLOOR}-noise{RESIDUE_NOISE_K}"}
 
     def _parse(self, img: np.ndarray, canvas: int) -> Parsed:
         """parse(img), remembered by the image's exact bytes: the input of a pronoun turn is

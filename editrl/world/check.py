@@ -4,8 +4,11 @@ For each sampled session, every turn's ground truth is rendered and judged (ever
 must pass; a pronoun turn is judged with its input image, the previous turn's ground truth);
 then, for every fault type, one turn where the fault applies is perturbed and
 judged (the turn must fail). Faults are built on scenes (so they are exact) except the
-pixel-level ones (a faint ghost, background texture). With `degrade`, every image goes
-through blur, noise, colour shift and soft edges first.
+pixel-level ones (a ghost, a faint ghost, background texture). With `degrade`, every image goes
+through blur, noise, colour shift and soft edges first; the faint ghost (10% of the object
+blended in, about 2-9% off the background colour) is then not checked, because the residue
+threshold follows the image's noise, and the degradation's noise (std 0.05 per pixel) is as
+large as the ghost.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from .scene import BACKGROUNDS, COLORS, FILLS, SHAPES, SIZES, Edit, Obj, Scene, 
 from .verify import judge_turn
 
 GHOST_ALPHA = 0.35
+FAINT_GHOST_ALPHA = 0.10    # a model's leftover: clean images only (see above)
 TEXTURE_AMPLITUDE = 0.06
 
 FAULTS = (
     "not_applied", "wrong_color", "wrong_shape", "wrong_size", "wrong_fill", "wrong_cell",
     "wrong_count", "wrong_object", "extra_object", "other_changed", "other_removed", "other_moved",
-    "background_changed", "constraint_violated", "pronoun_wrong_object", "ghost",
+    "background_changed", "constraint_violated", "pronoun_wrong_object", "ghost", "faint_ghost",
 )
+NOISE_HIDDEN = ("faint_ghost",)   # not checked on degraded images
 SINGLE = ("add", "replace", "color", "material", "size", "position")
 
 
@@ -154,10 +159,11 @@ def make_fault(fault: str, session: Session, k: int, scenes: list[Scene],
         attr, val = next(iter(also.items()))
         pool = tuple(COLORS) if attr == "color" else FILLS
         return render(_swap(nxt, o, replace(o, **{attr: _other(rng, pool, val)})))
-    if fault == "ghost":
+    if fault in ("ghost", "faint_ghost"):
         if t not in ("remove", "position"):
             return None
-        return blend_object(render(nxt), prev.get(tid), nxt.geometry, GHOST_ALPHA)
+        return blend_object(render(nxt), prev.get(tid), nxt.geometry,
+                            GHOST_ALPHA if fault == "ghost" else FAINT_GHOST_ALPHA)
     raise ValueError(f"unknown fault {fault!r}")
 
 
@@ -196,6 +202,8 @@ def _check_session(args: tuple[int, int, GrammarConfig, bool]) -> dict[str, Any]
     v = judge_turn(post(add_texture(render(scenes[k]), rng)), scenes[k - 1], scenes[k], s.turns[k - 1], k, gc, s.id)
     out["graded_cc"]["texture"].append(v.CC.score)
     for fault in FAULTS:
+        if do_degrade and fault in NOISE_HIDDEN:
+            continue
         turns = list(range(1, len(s.turns) + 1))
         rng.shuffle(turns)
         for k in turns:

@@ -13,8 +13,17 @@
    the box centre, and an object far from every cell centre is off-grid (cell None).
 4. Residue: palette snapping lets a faint leftover (a "ghost" of a removed or moved
    object) pass as background, so the parser also measures each pixel's distance to the
-   image's own background colour (median, so colour shifts cancel), with the difference smoothed
-   over 3x3 to average out noise; blobs above a threshold away from detected objects are residue.
+   image's own background colour (median, so colour shifts cancel), with the difference
+   averaged over a (2r + 1)-square box (r = round(2 * scale): 5x5 on the 64-px canvas). A ghost
+   is a few percent off the background over a whole object's area; the box mean keeps its level
+   and divides the pixel noise by 2r + 1. Blobs of the box mean above a threshold, away from
+   detected objects, are residue. The threshold follows the image's own noise:
+   max(RESIDUE_FLOOR, RESIDUE_NOISE_K * sigma), where sigma is the pixel noise estimated on
+   the free background (1.4826 * the median absolute deviation of neighbouring-pixel
+   differences, / sqrt 2, root mean square over the channels). A clean image (a render, or a
+   model's output, whose noise is a few 8-bit levels at most) is held to the floor, so a faint
+   ghost counts; a noisy photograph-like image is held to a multiple of its noise, so its noise
+   does not. The 3x3 mean of the same difference gives graded CC's texture term.
 
 Implementation: numpy costs per call, so the work is arranged in few calls on long rows.
 Per-pixel quantities are planes ([P, H*W], never [H*W, P] reduced over P); blend-line
@@ -28,7 +37,7 @@ Exact shortcuts serve clean renders (every pixel exactly a palette colour, as in
 ground-truth outputs): the snap is a table lookup, and a pixel's blend-line owner depends
 only on its colour, so it is decided once per colour; and when every pixel near the
 residue region is the background colour itself, the smoothed deviation there is zero up
-to rounding (far below any threshold), so the 3x3 filter is skipped. Both rest on margins of
+to rounding (far below any threshold), so the box filters are skipped. Both rest on margins of
 the palette's geometry that are checked when this module is imported (`_margins_ok`).
 A pixel's blend-line position is then also a function of its colour, read from a table
 (`_t_table`, checked to equal the image-wide product at every pixel place). Finally, a
@@ -58,7 +67,8 @@ N_OBJ_COLORS = len(COLORS)
 _PALETTE = np.asarray([*COLORS.values(), *BACKGROUNDS.values()], np.float32)  # [P, 3]
 COLORS_NAMES: tuple[str, ...] = tuple(COLORS)
 
-RESIDUE_THRESHOLD = 0.08   # smoothed RGB distance (on [0, 1]) that counts as residue
+RESIDUE_FLOOR = 0.03       # box-mean RGB distance (on [0, 1]) that counts as residue in a clean image
+RESIDUE_NOISE_K = 2.5      # ... and in a noisy one, in units of its estimated pixel noise
 TEXTURE_THRESHOLD = 0.06   # smoothed distance that counts against graded CC's pixel term
 MIN_IOU = 0.5              # below this the shape is unknown
 PRESENT_DISTANCE = 0.25    # RGB distance (on [0, 1]) of a pixel that vouches for its colour
@@ -300,11 +310,37 @@ def _median_rgb(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
     return (_LEVELS[(cum <= n // 2 - 1).sum(1)] + hi) / np.float32(2)
 
 
-def _box3(planes: np.ndarray) -> np.ndarray:
-    """3x3 mean of every plane of [C, H, W], edges repeated: ndimage.uniform_filter(...,
-    size=(3, 3), mode="nearest") per plane, rows first."""
-    out = ndimage.uniform_filter1d(planes, 3, axis=1, mode="nearest")
-    return ndimage.uniform_filter1d(out, 3, axis=2, output=out, mode="nearest")
+def _box(planes: np.ndarray, size: int) -> np.ndarray:
+    """size x size mean of every plane of [C, H, W], edges repeated: ndimage.uniform_filter(...,
+    size=(size, size), mode="nearest") per plane, rows first."""
+    out = ndimage.uniform_filter1d(planes, size, axis=1, mode="nearest")
+    return ndimage.uniform_filter1d(out, size, axis=2, output=out, mode="nearest")
+
+
+def _norm3(planes: np.ndarray) -> np.ndarray:
+    """Euclidean norm over the 3 planes of [3, H, W]."""
+    d0, d1, d2 = planes
+    return np.sqrt((d0 * d0 + d1 * d1) + d2 * d2)
+
+
+def noise_sigma(x: np.ndarray, sel: np.ndarray) -> float:
+    """Pixel noise of x [H, W, 3] on [0, 1] over the pixels of sel [H, W]: per channel
+    1.4826 * MAD / sqrt 2 of the differences between horizontally and vertically neighbouring
+    pixels both in sel (a difference of two independent pixels has sqrt 2 times the noise's
+    spread; the MAD ignores the few pairs that straddle an edge or a ghost's rim), then the
+    root mean square over the channels. 0.0 with fewer than 64 pairs."""
+    diffs = np.concatenate([(x[:, 1:] - x[:, :-1])[sel[:, 1:] & sel[:, :-1]],
+                            (x[1:] - x[:-1])[sel[1:] & sel[:-1]]])                     # [N, 3]
+    if len(diffs) < 64:
+        return 0.0
+    mad = np.median(np.abs(diffs - np.median(diffs, axis=0)), axis=0)                  # [3]
+    sigma = np.float32(1.4826 / np.sqrt(2.0)) * mad
+    return float(np.sqrt(np.mean(sigma * sigma)))
+
+
+def residue_threshold(sigma: float) -> float:
+    """Box-mean deviation above which a blob is residue, for an image of pixel noise sigma."""
+    return max(RESIDUE_FLOOR, RESIDUE_NOISE_K * sigma)
 
 
 # ------------------------------------------------------------------------ morphology
@@ -670,6 +706,7 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
 
     # residue: deviation from the image's own background colour, away from objects
     k_near, k_away = max(1, int(round(2 * geom.scale))), max(1, int(round(3 * geom.scale)))
+    r_box = k_near                                                     # residue box radius: 5x5 at 64 px
     masks = np.zeros((2, H, W), bool)                                                  # [occupied, objects]
     if entry is not None:
         np.not_equal(entry.reshape(H, W), bg_idx, out=masks[0])
@@ -683,20 +720,22 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
     n_region = np.count_nonzero(region)
     if entry is not None and free.any():
         # The median of the free pixels is then exactly the background colour. When every
-        # occupied pixel lies within k_away - 1 px of an object, every pixel within 1 px of the
-        # region is that colour, so the smoothed difference in the region is zero up to the
-        # filter's rounding (~1e-13): no residue, no texture.
-        near_objects = (grown[1] if k_away - 1 == k_near else
-                        _dilate(masks[1], k_away - 1) if k_away > 1 else masks[1])
+        # occupied pixel lies within k_away - r_box px of an object, every pixel within r_box px
+        # of the region is that colour, so both box means of the difference (radius r_box for
+        # residue, 1 for texture; r_box = k_near <= k_away) are zero in the region up to the
+        # filters' rounding (~1e-13): no residue, no texture.
+        reach = k_away - r_box
+        near_objects = grown[1] if reach == k_near else _dilate(masks[1], reach) if reach > 0 else masks[1]
         if not (masks[0] & ~near_objects).any():
             # 0 / n_region: a numpy float like the count below
             return Parsed(background, objects, [], np.intp(0) / n_region if n_region else 0.0, canvas)
     if x is None:
         x = img.astype(np.float32) / 255.0
     bg_rgb = _median_rgb(img, free if free.any() else np.ones_like(free))
-    d0, d1, d2 = _box3(np.ascontiguousarray(x.transpose(2, 0, 1)) - bg_rgb[:, None, None])   # [3, H, W]
-    dev = np.sqrt((d0 * d0 + d1 * d1) + d2 * d2)                                       # [H, W]
-    cand = (dev > RESIDUE_THRESHOLD) & region
+    diff = np.ascontiguousarray(x.transpose(2, 0, 1)) - bg_rgb[:, None, None]           # [3, H, W]
+    dev3 = _norm3(_box(diff, 3))                                                # [H, W] texture
+    dev = _norm3(_box(diff, 2 * r_box + 1))                                            # [H, W] residue
+    cand = (dev > residue_threshold(noise_sigma(x, free & region))) & region
     residue = _residue(cand, dev, geom) if cand.any() else []
-    texture_fraction = np.count_nonzero((dev > TEXTURE_THRESHOLD) & region) / n_region if n_region else 0.0
+    texture_fraction = np.count_nonzero((dev3 > TEXTURE_THRESHOLD) & region) / n_region if n_region else 0.0
     return Parsed(background, objects, residue, texture_fraction, canvas)
