@@ -735,7 +735,9 @@ def parse(img: np.ndarray, canvas: int | None = None) -> Parsed:
     diff = np.ascontiguousarray(x.transpose(2, 0, 1)) - bg_rgb[:, None, None]           # [3, H, W]
     dev3 = _norm3(_box(diff, 3))                                                # [H, W] texture
     dev = _norm3(_box(diff, 2 * r_box + 1))                                            # [H, W] residue
-    cand = (dev > residue_threshold(noise_sigma(x, free & region))) & region
+    cand = (dev > RESIDUE_FLOOR) & region               # the threshold is never below the floor, so
+    if cand.any():                                      # the noise estimate is needed only past it
+        cand &= dev > residue_threshold(noise_sigma(x, free & region))
     residue = _residue(cand, dev, geom) if cand.any() else []
     texture_fraction = np.count_nonzero((dev3 > TEXTURE_THRESHOLD) & region) / n_region if n_region else 0.0
     return Parsed(background, objects, residue, texture_fraction, canvas)
