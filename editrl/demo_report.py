@@ -40,6 +40,23 @@ def plot_before_after(before: Sequence[dict], after: Sequence[dict]) -> str:
     return uri
 
 
+def moving_mean(y: np.ndarray, w: int) -> np.ndarray:
+    """Centred moving average over `w` points that averages only the finite values in each
+    window: the ends use the points they have (no zero padding), and a step without the
+    metric (skipped, NaN) neither counts as 0 nor breaks the line; a window with no finite
+    value stays NaN."""
+    y = np.asarray(y, float)                                               # [N]
+    if w <= 1 or y.size == 0:
+        return y
+    ok = np.isfinite(y)
+    k = np.ones(w)
+    lo = (w - 1) // 2
+    total = np.convolve(np.where(ok, y, 0.0), k, mode="full")[lo: lo + y.size]
+    count = np.convolve(ok.astype(float), k, mode="full")[lo: lo + y.size]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def plot_training(rows: Sequence[dict[str, Any]]) -> str | None:
     if not rows:
         return None
@@ -51,11 +68,7 @@ def plot_training(rows: Sequence[dict[str, Any]]) -> str | None:
     w = max(1, len(rows) // 20)
 
     def smooth(key: str) -> np.ndarray:
-        y = np.array([r.get(key, np.nan) for r in rows], float)
-        if w == 1:
-            return y
-        k = np.ones(w) / w
-        return np.convolve(np.nan_to_num(y), k, mode="same")
+        return moving_mean(np.array([r.get(key, np.nan) for r in rows], float), w)
 
     fig, ax = plt.subplots(figsize=(5.6, 3.3))
     mk = "o" if len(rows) < 30 else None      # a short run shows its points

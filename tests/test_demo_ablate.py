@@ -126,3 +126,20 @@ def test_ablate_parallel_jobs_match_the_table_layout_and_resume(tmp_path):
     before = [m.stat().st_mtime_ns for m in marks]
     assert run(args).returncode == 0
     assert [m.stat().st_mtime_ns for m in marks] == before
+
+
+def test_training_curve_moving_mean_has_no_edge_dip_and_skips_missing_steps():
+    """The demo report's rollout curve: a constant series stays constant to its ends (no zero
+    padding), interior points equal the plain moving average, and a step without the metric
+    is left out of its windows instead of counting as 0."""
+    from editrl.demo_report import moving_mean
+
+    assert np.allclose(moving_mean(np.full(9, 0.8), 4), 0.8)
+    y = np.arange(10.0)
+    plain = np.convolve(y, np.ones(3) / 3, mode="same")
+    assert np.allclose(moving_mean(y, 3)[1:-1], plain[1:-1])
+    assert moving_mean(y, 3)[0] == pytest.approx(0.5) and moving_mean(y, 3)[-1] == pytest.approx(8.5)
+    gappy = np.array([0.9, np.nan, 0.9, 0.9, np.nan, np.nan, np.nan, 0.6])
+    out = moving_mean(gappy, 3)
+    assert np.allclose(out[:4], 0.9) and np.isnan(out[5]) and out[-1] == pytest.approx(0.6)
+    assert np.array_equal(moving_mean(y, 1), y)
