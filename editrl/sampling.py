@@ -51,6 +51,14 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32)
 
 
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """Standard normal float32 noise of `shape` on `device`, drawn from `generator` on the
+    generator's own device (editrl's seeded generators live on the CPU) and then moved: the
+    same seed gives the same noise on every device."""
+    src = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=src).to(device)
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -285,9 +293,7 @@ def sde_step_with_logprob(
 
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(
-                x.shape, generator=generator, dtype=torch.float32, device=x.device
-            )  # [B,C,H,W]
+            noise = randn(x.shape, generator, x.device)  # [B,C,H,W]
         prev_sample = mean + std * noise  # [B,C,H,W]
 
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)  # [B]

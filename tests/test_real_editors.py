@@ -176,7 +176,7 @@ def test_lora_save_and_load_give_identical_outputs(kind, model_dirs, tmp_path):
     ed = load(kind, model_dirs)
     with torch.no_grad():
         for p in ed.trainable_parameters():
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)   # CPU draw: any device
     run = tmp_path / "final"
     ed.save(run / ed.checkpoint_file, extra_meta={"rl_steps": "1"})
     back = load_editor(f"{kind}:{run}")                           # base model and options from the LoRA's metadata
@@ -221,7 +221,7 @@ def test_bf16_and_gradient_checkpointing(model_dirs):
         ed = load("flux-kontext", model_dirs, gradient_checkpointing=ckpt)
         with torch.no_grad():
             for p in ed.trainable_parameters():
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)   # CPU draw: any device
         cond = ed.encode(images_to_tensor(source_images(1)), PROMPTS[:1])
         x = torch.randn(ed.latent_shape(cond), generator=torch.Generator().manual_seed(0))
         ed.set_training(True)

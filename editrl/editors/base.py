@@ -131,7 +131,7 @@ class FlowEditor:
             raise ValueError(f"unknown solver {solver!r} (expected one of {', '.join(SOLVERS)})")
         sig = self.sigmas(steps, cond).to(self.device)                             # [T+1]
         shape = self.latent_shape(cond)
-        x = x_init if x_init is not None else torch.randn(shape, generator=generator, device=self.device)
+        x = x_init.to(self.device) if x_init is not None else sampling.randn(shape, generator, self.device)
         B = x.shape[0]
         if solver == "sde":
             # the last step (to σ = 0) is always an ODE step: noise added there would stay in
@@ -140,7 +140,7 @@ class FlowEditor:
             if not 0 <= w <= steps - 1:
                 raise ValueError(f"SDE window must be in 0..{steps - 1} for {steps} steps, got {w}")
             if generator is None:
-                generator = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**31, (1,))))
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
             mask = torch.zeros(B, steps, dtype=torch.bool, device=self.device)
             if w > 0:
                 starts = sampling.sample_sde_window(steps - 1, w, B, generator)      # [B]

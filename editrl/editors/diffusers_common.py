@@ -62,6 +62,9 @@ class ModelConfig:
     guidance_scale: float = 2.5        # FLUX.1-Kontext's distilled-guidance input (the diffusers example's value); unused by Qwen-Image-Edit
     max_sequence_length: int = 512     # T5 tokens for FLUX.1-Kontext (padded to this length, as the pipeline does); unused by Qwen
     device: str = ""                   # "" = cuda when available, else cpu
+    cudnn_attention: bool = False      # allow PyTorch's cuDNN attention kernels (its first choice on H100/H200); off:
+                                       # flash / memory-efficient attention. On an H200 (torch 2.11) cuDNN's backward gave
+                                       # non-finite LoRA gradients for FLUX.1-Kontext in bf16 (docs/RESULTS.md, session 17)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -246,6 +249,8 @@ class DiffusersEditor(FlowEditor):
         self.scheduler = pipe.scheduler
         self.multiple = int(pipe.vae_scale_factor) * 2
         self._device = pick_device(opts.device)
+        if self._device.type == "cuda" and not opts.cudnn_attention:
+            torch.backends.cuda.enable_cudnn_sdp(False)   # process-wide: see ModelConfig.cudnn_attention
         self._dtype = DTYPES[opts.dtype]
         for m in self._modules():
             m.requires_grad_(False)
@@ -323,7 +328,7 @@ class DiffusersEditor(FlowEditor):
         """v(x_σ) [B, C, h, w] float32: the transformer's prediction on [target tokens ; condition
         tokens], sliced to the target tokens and unpacked."""
         h, w = x.shape[-2:]
-        target = pack_latents(x.to(self.dtype))                                          # [B, L, 4C]
+        target = pack_latents(x.to(self.device, self.dtype))                                          # [B, L, 4C]
         hidden = torch.cat([target, cond.image_latents], 1)                               # [B, L + L_img, 4C]
         t = model_timestep(sigma.to(self.device).expand(x.shape[0]), self.dtype,
                            self.scheduler.config.num_train_timesteps)                     # [B]

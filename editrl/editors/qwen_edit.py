@@ -11,9 +11,10 @@ VAE (posterior mode, normalised by latents_mean / latents_std, single frame), pa
 terminal stretch. No true CFG (the pipeline's `true_cfg_scale` with a negative prompt):
 Flow-GRPO trains without it. The shared machinery is in `diffusers_common`.
 
-Without torchvision the pipeline's stock `Qwen2VLProcessor` cannot be loaded; the loader then
-builds the same processor from the folder's `processor/` files without its video part
-(`editrl.hf_vl`).
+Without torchvision the pipeline's stock `Qwen2VLProcessor` cannot be loaded, and with it the
+stock loader needs the folder's `processor/video_preprocessor_config.json`; when either is
+missing the loader builds the same processor from the folder's `processor/` files without its
+video part (`editrl.hf_vl`; editing uses images only).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class QwenImageEditor(DiffusersEditor):
     def _load(cls, path: Path, dtype: torch.dtype, index: dict[str, Any]) -> Any:
         from diffusers import QwenImageEditPipeline
 
-        extra = {} if torchvision_works() else {"processor": processor_without_video(path)}
+        stock = torchvision_works() and (path / "processor" / "video_preprocessor_config.json").is_file()
+        extra = {} if stock else {"processor": processor_without_video(path)}
         return load_pipeline(QwenImageEditPipeline, path, dtype, **extra)
 
     def _encode_text(self, prompts: list[str], images: Tensor) -> dict[str, Any]:

@@ -242,10 +242,11 @@ def nft_update(cfg: TrainConfig, policy, old, ref, ro: Rollout, A: torch.Tensor,
         src = tb.inputs[sel]
         texts = [tb.texts[i] for i in ids]
         ctxs = [tb.contexts[i] for i in ids]
-        r = r_all.view(B * G, K)[sel, k]                                           # [n]
+        dev = x0.device                                                            # the draws and rewards live on the CPU
+        r = r_all.view(B * G, K)[sel, k].to(dev)                                   # [n]
         draw = sel // G if cfg.nft_shared_noise else sel
-        sigma = sig_tab[draw, k]                                                   # [n]
-        eps = eps_tab[draw, k]                                                     # [n, C, H, W]
+        sigma = sig_tab[draw, k].to(dev)                                           # [n]
+        eps = eps_tab[draw, k].to(dev)                                             # [n, C, H, W]
         s = sigma.view(-1, 1, 1, 1)
         x_sigma = (1 - s) * x0 + s * eps
         with torch.no_grad():
@@ -301,7 +302,7 @@ def grpo_update(cfg: TrainConfig, policy, ref, ro: Rollout, A: torch.Tensor, mas
         v = policy.velocity(x, sigma, cond)
         st = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level=cfg.noise_level, prev_sample=x_next,
                                    sigma_max_fallback=sig1)
-        adv = A.view(B * G, K)[ri, k]                                              # [n]
+        adv = A.view(B * G, K)[ri, k].to(st.log_prob.device)                     # [n]
         kl = None
         if ref is not None and cfg.kl_beta > 0:
             with torch.no_grad():
