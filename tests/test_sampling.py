@@ -296,3 +296,17 @@ def test_window_validation():
         sde_mask(torch.tensor([0.0]), 2, 10)
     with pytest.raises(ValueError):
         sde_mask(torch.tensor([0]), 11, 10)
+
+
+def test_randn_draws_on_the_generators_device_and_moves_the_noise():
+    """`randn` (initial and SDE noise): the seeded CPU generator's own draws, then moved, so a
+    seed gives the same noise on any device; the SDE step's noise is that draw."""
+    from editrl.sampling import randn
+
+    a = randn((2, 3, 4, 4), torch.Generator().manual_seed(7), "cpu")
+    assert a.dtype == torch.float32 and torch.equal(a, torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7)))
+    if torch.cuda.is_available():
+        assert torch.equal(randn((2, 3, 4, 4), torch.Generator().manual_seed(7), "cuda").cpu(), a)
+    x, v = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    st = sde_step_with_logprob(x, v, 0.5, 0.4, noise_level=0.7, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(st.prev_sample, st.mean + st.std * a)
