@@ -328,7 +328,7 @@ class DiffusersEditor(FlowEditor):
         """v(x_σ) [B, C, h, w] float32: the transformer's prediction on [target tokens ; condition
         tokens], sliced to the target tokens and unpacked."""
         h, w = x.shape[-2:]
-        target = pack_latents(x.to(self.device, self.dtype))                                          # [B, L, 4C]
+        target = pack_latents(x.to(self.device, self.dtype))                             # [B, L, 4C]
         hidden = torch.cat([target, cond.image_latents], 1)                               # [B, L + L_img, 4C]
         t = model_timestep(sigma.to(self.device).expand(x.shape[0]), self.dtype,
                            self.scheduler.config.num_train_timesteps)                     # [B]
