@@ -60,6 +60,7 @@ from .advantages import AdvantageConfig, compute_advantages
 from .flow_grpo import grpo_loss, transition_kl
 from . import distributed as D
 from .joint_intent import IntentActor, IntentConfig
+from .curriculum import CurriculumConfig, TaskCurriculum
 from .ema import ema_export, ema_init, ema_state_update_
 from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
 from .rewards import RewardConfig, RewardPipeline, TrainingSessions, load_reward_judge
@@ -90,6 +91,8 @@ class TrainConfig:
                                         # file (editrl JSONL, MICE-Bench, EdiVal; shuffled passes; needs a vlm reward
                                         # unless its sessions carry ShapesWorld scenes)
     image_size: int = 0                 # file suites: bring every source to N x N (shorter side, centre crop); 0 = keep
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)   # task: draw sessions toward the task
+                                        # types whose groups still train (editrl/rl/curriculum.py); none: as drawn
     reward: RewardConfig = field(default_factory=RewardConfig)   # the judge behind the rewards and its options
     # optimisation
     lr: float = 3e-5
@@ -164,10 +167,16 @@ def session_source(cfg: TrainConfig) -> TrainingSessions:
     return TrainingSessions(cfg.suite, cfg.seed, cfg.turns, cfg.constraint_share, cfg.pronoun_prob, cfg.image_size)
 
 
-def training_sessions(cfg: TrainConfig, step: int, source: TrainingSessions | None = None) -> list:
-    """The B sessions of `step`: a pure function of (seed, step); ShapesWorld sessions are
-    disjoint from evaluation."""
-    return (source or session_source(cfg)).sessions(step, cfg.sessions_per_step, TRAIN_SEED_OFFSET)
+def training_sessions(cfg: TrainConfig, step: int, source: TrainingSessions | None = None,
+                      curriculum: TaskCurriculum | None = None) -> list:
+    """The B sessions of `step`: a pure function of (seed, step) and the curriculum's state;
+    ShapesWorld sessions are disjoint from evaluation. With an active curriculum B are kept
+    out of a pool of `curriculum.pool × B` drawn the same way."""
+    src = source or session_source(cfg)
+    if curriculum is None or not curriculum.active:
+        return src.sessions(step, cfg.sessions_per_step, TRAIN_SEED_OFFSET)
+    pool = src.sessions(step, cfg.sessions_per_step * curriculum.cfg.pool, TRAIN_SEED_OFFSET)
+    return curriculum.select(pool, cfg.sessions_per_step, step)
 
 
 def step_generator(cfg: TrainConfig, step: int, stream: int) -> torch.Generator:
@@ -362,6 +371,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         from ..bench.harness import check_judge_inputs
         check_judge_inputs(judge, sessions_src.suite)
     rewards = RewardPipeline(judge, overlap=cfg.reward.overlap)
+    curriculum = TaskCurriculum(cfg.curriculum, cfg.seed, cfg.turns)
     intent = IntentActor(cfg.intent) if cfg.intent.spec != "none" else None
     if intent is not None and mode != "explicit":
         raise EditrlInputError("intent.spec writes explicit instructions: use form=explicit with it")
@@ -380,6 +390,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             intent.policy.load_state_dict(unprefixed(tensors, "intent"))
             unflatten_optimizer(intent.opt, unprefixed(tensors, "intent_opt"), meta["intent_optimizer"])
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
+        curriculum.load_state(meta.get("curriculum"))
         truncate_metrics(metrics_path, step)
         log(f"resumed from step {step}")
     if main:
@@ -419,7 +430,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
             tensors.update(prefixed(ema, "ema"))
         if not main:
             return
-        meta = {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta}
+        meta = {"step": step, "elapsed": elapsed, "config": to_dict(cfg), "optimizer": opt_meta,
+                "curriculum": curriculum.state()}
         if intent is not None and intent.cfg.train:
             iopt_t, meta["intent_optimizer"] = flatten_optimizer(intent.opt)
             tensors.update(prefixed(intent.policy.state_dict(), "intent"))
@@ -446,7 +458,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         row: dict[str, Any] = {"step": step + 1}
         # 2. rollout
         t0 = time.time()
-        all_sessions = training_sessions(cfg, step, sessions_src)
+        all_sessions = training_sessions(cfg, step, sessions_src, curriculum)
         a, b = D.shard_bounds(len(all_sessions), R, W)                 # this rank's whole sessions
         sessions = all_sessions[a:b]
         sources = [sessions_src.source(s) for s in sessions]
@@ -483,6 +495,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         # 4. advantages (on the whole batch: every rank gathers every verdict)
         adv = compute_advantages(D.gather_verdicts(verdicts) if W > 1 else verdicts, cfg.adv)
         row.update(adv.stats)
+        row.update(curriculum.update(all_sessions, adv.mask))   # every rank holds the whole mask: same state
         A_loc = D.local_slice(adv.A, len(all_sessions), R, W) if W > 1 else adv.A           # [B_rank, G, K]
         M_loc = D.local_slice(adv.mask, len(all_sessions), R, W) if W > 1 else adv.mask
         # 5. loss and update: `epochs` optimiser steps on this rollout (NFT: fresh re-noising
