@@ -115,3 +115,19 @@ def test_training_with_the_curriculum_resumes_exactly(small_ckpt, tmp_path):
     full = rows("full")
     assert full == rows("cut")
     assert all(any(k.startswith("curriculum/q_") for k in r) for r in full)
+
+
+def test_group_outcomes_benchmark_classifies_groups_among_live_trajectories():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "group_outcomes.py"
+    spec = importlib.util.spec_from_file_location("group_outcomes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    t, f = True, False
+    alive = torch.tensor([t, t, f, t])
+    assert mod.group_outcome(torch.tensor([t, t, f, t]), alive) == "pass"      # the dead one's failure is not counted
+    assert mod.group_outcome(torch.tensor([f, f, t, f]), alive) == "fail"
+    assert mod.group_outcome(torch.tensor([t, f, f, t]), alive) == "mixed"
+    assert mod.group_outcome(torch.tensor([t, t, t, t]), torch.zeros(4, dtype=torch.bool)) == "dead"
