@@ -20,6 +20,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from PIL import Image  # noqa: E402
+from run_metrics import metric_rows, untimed_rows  # noqa: E402
 from tiny_pipelines import save_tiny_flux_kontext, save_tiny_qwen_edit  # noqa: E402
 
 from editrl.editors import load_editor  # noqa: E402
@@ -243,10 +244,6 @@ def editrl_cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=1800)
 
 
-def metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("preset,kind", [("kontext-nft", "flux-kontext"), ("qwen-edit-grpo", "qwen-edit")])
 def test_train_presets_end_to_end_from_the_command_line(preset, kind, model_dirs, tmp_path):
     """`editrl train --config PRESET model.path=TINY max_steps=2` (shrunk to CPU size) trains the
@@ -257,7 +254,7 @@ def test_train_presets_end_to_end_from_the_command_line(preset, kind, model_dirs
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2
-    rows = metrics(run)
+    rows = metric_rows(run)
     assert [r["step"] for r in rows] == [1, 2] and all("reward/IF" in r for r in rows)
     if preset.endswith("grpo"):
         assert rows[0]["grpo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
@@ -284,11 +281,7 @@ def test_lora_training_resumes_exactly(model_dirs, tmp_path):
     train(cfg, tmp_path / "cut", log=lambda m: None, stop_at=1)
     train(cfg, tmp_path / "cut", log=lambda m: None)
 
-    def rows(d):
-        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "elapsed_min"}
-                for r in metrics(tmp_path / d)]
-
-    assert rows("full") == rows("cut")
+    assert untimed_rows(tmp_path / "full") == untimed_rows(tmp_path / "cut")
     a = load_editor(f"flux-kontext:{tmp_path / 'full' / 'final'}").state_dict()
     b = load_editor(f"flux-kontext:{tmp_path / 'cut' / 'final'}").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -20,6 +20,7 @@ from editrl.config import load_config  # noqa: E402
 from editrl.rl.curriculum import (CurriculumConfig, TaskCurriculum, ema_update, gumbel_top_k,  # noqa: E402
                                   informative_cells, session_priority)
 from editrl.rl.train import TrainConfig, session_source, train, training_sessions  # noqa: E402
+from run_metrics import untimed_rows  # noqa: E402
 
 
 def fake_session(*types):
@@ -109,11 +110,8 @@ def test_training_with_the_curriculum_resumes_exactly(small_ckpt, tmp_path):
     train(cfg, tmp_path / "cut", log=lambda m: None, stop_at=2)
     train(cfg, tmp_path / "cut", log=lambda m: None)
 
-    def rows(d):
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "elapsed_min"}
-                for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-    full = rows("full")
-    assert full == rows("cut")
+    full = untimed_rows(tmp_path / "full")
+    assert full == untimed_rows(tmp_path / "cut")
     assert all(any(k.startswith("curriculum/q_") for k in r) for r in full)
 
 

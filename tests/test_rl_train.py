@@ -22,6 +22,7 @@ from editrl.rl.train import TrainConfig, train, training_sessions  # noqa: E402
 from editrl.session import EditrlInputError  # noqa: E402
 from editrl.world.grammar import session_scenes  # noqa: E402
 from editrl.world.render import render  # noqa: E402
+from run_metrics import metric_rows, untimed_rows  # noqa: E402
 
 
 
@@ -59,7 +60,7 @@ def test_grpo_and_nft_steps_run_and_change_weights(small_ckpt, tmp_path):
     for alg in ("grpo", "nft"):
         cfg = small_cfg(small_ckpt, algorithm=alg, max_steps=2, adv=adv)
         res = train(cfg, tmp_path / alg, log=lambda m: None)
-        rows = [json.loads(line) for line in (tmp_path / alg / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_rows(tmp_path / alg)
         assert [r["step"] for r in rows] == [1, 2]
         assert all("reward/IF" in r and "mask/trained_share" in r for r in rows)
         if alg == "grpo":
@@ -79,14 +80,7 @@ def test_resume_after_stop_continues_metrics_identically(small_ckpt, tmp_path):
     train(cfg, tmp_path / "cut", log=lambda m: None, stop_at=1)
     train(cfg, tmp_path / "cut", log=lambda m: None)
 
-    def rows(d):
-        out = []
-        for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            out.append({k: v for k, v in r.items() if not k.startswith("time/") and k != "elapsed_min"})
-        return out
-
-    assert rows("full") == rows("cut")
+    assert untimed_rows(tmp_path / "full") == untimed_rows(tmp_path / "cut")
     a = load_tiny(f"tiny:{tmp_path / 'full' / 'final'}").state_dict()
     b = load_tiny(f"tiny:{tmp_path / 'cut' / 'final'}").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -137,12 +131,8 @@ def test_train_survives_sigkill_and_resumes_metrics_identically(small_ckpt, tmp_
     assert done.returncode == 0, done.stderr
     assert "resumed from step" in done.stderr
 
-    def rows(path):
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/") and k != "elapsed_min"}
-                for x in path.read_text().splitlines()]
-
-    assert rows(tmp_path / "ref" / "metrics.jsonl") == rows(metrics)
-    assert [r["step"] for r in rows(metrics)] == list(range(1, 7))
+    assert untimed_rows(tmp_path / "ref") == untimed_rows(metrics)
+    assert [r["step"] for r in untimed_rows(metrics)] == list(range(1, 7))
     a = load_tiny(f"tiny:{tmp_path / 'ref' / 'final'}").state_dict()
     b = load_tiny(f"tiny:{run / 'final'}").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -185,12 +175,8 @@ def test_joint_intent_training_updates_both_policies_and_resumes_exactly(small_c
     train(cfg, tmp_path / "cut", log=lambda m: None, stop_at=1)
     train(cfg, tmp_path / "cut", log=lambda m: None)
 
-    def rows(d):
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/") and k != "elapsed_min"}
-                for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-
-    full = rows("full")
-    assert full == rows("cut")
+    full = untimed_rows(tmp_path / "full")
+    assert full == untimed_rows(tmp_path / "cut")
     assert all("text/exact" in r and "text/referent_acc" in r for r in full)
     assert full[0]["text/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and full[0]["text/tokens"] > 0
     a, _ = load_policy(tmp_path / "full" / "final" / "intent.safetensors")
