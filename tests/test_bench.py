@@ -286,6 +286,25 @@ def test_two_judge_workers_give_the_same_results(gt_run, world, tmp_path):
     res = bench(tmp_path / "run", world / "sessions.jsonl", f"outputs:{world / 'targets'}", no_cache=True,
                 judge_workers=2, chunk_size=10)
     assert stable(res) == stable(gt_run[1]) and res["run"]["judge_calls"] == 36
+    assert res["run"]["judge_workers"] == 2 and gt_run[1]["run"]["judge_workers"] == 1   # 36 turns: auto is 1
+
+
+def test_auto_judge_workers(gt_run, world, tmp_path, monkeypatch):
+    """--judge-workers 0 (the default): one process per usable core for a large enough run of
+    the program judge, capped by the chunks there are; one process otherwise and for VLM judges."""
+    import editrl.bench.harness as harness
+    from editrl.bench.harness import AUTO_WORKERS_MIN_TURNS, judge_workers_for, usable_cores
+
+    cores = usable_cores()
+    assert judge_workers_for(3, "program", 10, 64) == 3                               # as given
+    assert judge_workers_for(0, "program", AUTO_WORKERS_MIN_TURNS - 1, 64) == 1
+    assert judge_workers_for(0, "program", 100_000, 64) == min(cores, 8)
+    assert judge_workers_for(0, "program", AUTO_WORKERS_MIN_TURNS, AUTO_WORKERS_MIN_TURNS) == 1   # one chunk
+    assert judge_workers_for(0, "vlm:http://h/v1#m", 100_000, 64) == 1
+    monkeypatch.setattr(harness, "AUTO_WORKERS_MIN_TURNS", 30)
+    res = bench(tmp_path / "run", world / "sessions.jsonl", f"outputs:{world / 'targets'}", no_cache=True, chunk_size=10)
+    assert res["run"]["judge_workers"] == min(cores, 8, 4)
+    assert stable(res) == stable(gt_run[1]) and res["run"]["judge_calls"] == 36
 
 
 def test_batched_cache_keys_are_cache_key(world):

@@ -77,7 +77,7 @@ class BenchConfig:
     strips: int = 24                 # sessions shown in the report
     allow_missing: bool = False      # outputs:DIR: a missing image marks that turn and later ones `missing`
     chunk_size: int = 64             # requests per judge call / per records append
-    judge_workers: int = 1           # program judge: worker processes (VLM judges have --concurrency)
+    judge_workers: int = 0           # program judge: worker processes, 0 = auto (`judge_workers_for`); VLM judges have --concurrency
     judge_options: dict[str, Any] = field(default_factory=dict)
     intent: str = "none"             # reconstructor writing the editor's text: none | rules | tiny[:PATH] | llm:...
     compile: bool = False            # tiny editor: inference through torch.compile (same numbers to rounding)
@@ -96,6 +96,7 @@ class RunStats:
     judge_seconds: float = 0.0       # the whole judge phase (loading images, cache, judge, records)
     judge_cpu_seconds: float = 0.0   # CPU time of this process in the judge phase (not inflated by a busy machine)
     judge_call_seconds: float = 0.0  # inside judge.judge()
+    judge_workers: int = 1           # processes that judged (1: this one)
 
 
 # --------------------------------------------------------------------------- 1. loading
@@ -114,6 +115,29 @@ def load_judge(spec: str, **options: Any):
         from ..judges.program import ProgramJudge
         return ProgramJudge()
     raise EditrlInputError(f"unknown judge {spec!r} (expected program, vlm:URL or vlm-local:PATH)")
+
+
+AUTO_WORKERS_MIN_TURNS = 1500     # --judge-workers 0: below this many turns one process is as fast (docs/RESULTS.md)
+AUTO_WORKERS_MAX = 8
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):     # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def judge_workers_for(requested: int, judge_id: str, n_turns: int, chunk_size: int) -> int:
+    """Worker processes of a judge phase. `requested` > 0 is taken as given; 0 (auto) gives
+    the program judge one process per usable core (at most 8, at most one per chunk) when
+    the run judges at least AUTO_WORKERS_MIN_TURNS turns, below which starting the workers
+    costs what they save; any other judge gets one (VLM judges overlap through --concurrency)."""
+    if requested > 0:
+        return requested
+    if judge_id != "program" or n_turns < AUTO_WORKERS_MIN_TURNS:
+        return 1
+    return max(1, min(usable_cores(), AUTO_WORKERS_MAX, -(-n_turns // chunk_size)))
 
 
 class ProcessPoolJudge:
@@ -703,9 +727,9 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EditrlInputError(f"--out {out} exists and is not a folder")
-    if min(cfg.batch_size, cfg.chunk_size, cfg.judge_workers) < 1 or cfg.bootstrap < 0 or cfg.strips < 0:
-        raise EditrlInputError("--batch-size, --chunk-size and --judge-workers must be at least 1, "
-                               "--bootstrap and --strips at least 0")
+    if min(cfg.batch_size, cfg.chunk_size) < 1 or cfg.judge_workers < 0 or cfg.bootstrap < 0 or cfg.strips < 0:
+        raise EditrlInputError("--batch-size and --chunk-size must be at least 1, --judge-workers, "
+                               "--bootstrap and --strips at least 0 (--judge-workers 0: auto)")
     unknown = set(cfg.judge_options) - set(JUDGE_OPTIONS)
     if unknown:
         raise EditrlInputError(f"unknown judge option(s): {', '.join(sorted(unknown))}")
@@ -768,7 +792,9 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, log: Callable[
     cache = NoCache() if cfg.no_cache else VerdictCache(cfg.cache or default_cache_path())
     calls_before = getattr(judge, "calls", None)
     t0, c0 = time.perf_counter(), time.process_time()
-    judging = ProcessPoolJudge(judge, cfg.judge_workers) if cfg.judge_workers > 1 else judge
+    stats.judge_workers = judge_workers_for(cfg.judge_workers, judge.judge_id,
+                                            sum(s.n_turns for s in suite.sessions), cfg.chunk_size)
+    judging = ProcessPoolJudge(judge, stats.judge_workers) if stats.judge_workers > 1 else judge
     try:
         records = judge_phase(suite, images, judging, cache, texts, form, out / "records.jsonl", cfg.chunk_size,
                               stats, progress)
