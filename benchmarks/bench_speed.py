@@ -32,7 +32,11 @@ sys.path.insert(0, str(ROOT / "tests"))   # the loopback judge server lives with
 
 def run(out: Path, suite: Path, editor: str, judge: str, **kw) -> dict:
     from editrl.bench import BenchConfig, run_bench
+    from editrl.world import parse
 
+    # every run starts cold: the parser's per-plane memory would otherwise hold the earlier
+    # runs' planes (the same images), and worker processes inherit it
+    parse._STRUCTURES.clear()
     run_bench(BenchConfig(suite=str(suite), editor=editor, judge=judge, out=out, strips=4, **kw))
     return json.loads((out / "results.json").read_text())["run"]
 
