@@ -101,6 +101,21 @@ def test_assignment_study_compares_the_base_with_the_other_assignment(tmp_path):
     assert arms(broadcast_base) == {"base": [], "per_turn": ["adv.assignment=per_turn"]}
 
 
+def test_aggregation_study_runs_on_broadcast_assignment(tmp_path):
+    """Per-turn assignment ignores turn aggregation: on the per-turn preset the study's arms
+    carry broadcast assignment, its reference being the assignment study's broadcast arm."""
+    from editrl.rl.ablate import AblateConfig, arms, study_arms
+
+    per_turn_base = AblateConfig(out=tmp_path, studies=["assignment", "aggregation"])   # shapes-nft: per_turn
+    agg = study_arms(per_turn_base, "aggregation")
+    assert agg[0] == ("broadcast", ["adv.assignment=broadcast"])
+    assert agg[1] == ("broadcast_agg_min", ["adv.assignment=broadcast", "adv.aggregation=min"])
+    assert len(agg) == 6 and all(ov[0] == "adv.assignment=broadcast" for _, ov in agg)
+    assert list(arms(per_turn_base)) == ["base", "broadcast"] + [name for name, _ in agg[1:]]   # broadcast runs once
+    broadcast_base = AblateConfig(out=tmp_path, studies=["aggregation"], overrides=["adv.assignment=broadcast"])
+    assert study_arms(broadcast_base, "aggregation")[:2] == [("base", []), ("agg_min", ["adv.aggregation=min"])]
+
+
 def test_scoring_study_compares_the_base_with_the_other_scoring(tmp_path):
     from editrl.rl.ablate import AblateConfig, study_arms
 

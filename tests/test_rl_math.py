@@ -392,6 +392,20 @@ def test_judge_error_masks_trajectory_with_broadcast(fusion):
     assert s["mask/trained_share"] == pytest.approx(14 / 18)
 
 
+@pytest.mark.parametrize("per_turn_norm", ["turn", "session"])
+def test_per_turn_advantages_do_not_depend_on_turn_aggregation(per_turn_norm):
+    """Turn aggregation shapes the trajectory reward; per-turn assignment never trains on it
+    (which is why `editrl ablate` runs its aggregation study on broadcast assignment)."""
+    sessions = [_session("a", GROUP_A), _session("b", GROUP_B)]
+    res = {m: compute_advantages(sessions, _cfg(assignment="per_turn", per_turn_norm=per_turn_norm, group_filter=True,
+                                                 trajectory_filter=True, aggregation=m))
+           for m in ("mean", "min", "product", "last", "success_gated", "discounted")}
+    for m, r in res.items():
+        assert torch.equal(r.A, res["mean"].A) and torch.equal(r.mask, res["mean"].mask), m
+    broadcast = {m: compute_advantages(sessions, _cfg(aggregation=m)).A for m in ("mean", "min", "last")}
+    assert not torch.equal(broadcast["mean"], broadcast["min"]) and not torch.equal(broadcast["mean"], broadcast["last"])
+
+
 def test_judge_error_masks_only_its_turn_per_turn():
     bad = [GROUP_A[0], [GROUP_A[1][0], "err"], GROUP_A[2]]
     cfg = _cfg(assignment="per_turn", per_turn_norm="turn", fusion="reward")

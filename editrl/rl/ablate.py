@@ -3,7 +3,8 @@
 1. **Arms.** Each study compares arms that differ from the base recipe (the `shapes-nft`
    preset plus the user's overrides) in one knob: assignment (broadcast vs per-turn),
    fusion (advantage vs reward level), scoring (graded vs binary), turn aggregation (mean,
-   min, product, last, success-gated, discounted), trajectory filtering (on vs off),
+   min, product, last, success-gated, discounted; on broadcast assignment, the only one that
+   trains on the aggregate), trajectory filtering (on vs off),
    algorithm (DiffusionNFT vs Flow-GRPO), training turns (K = 3 vs K = 1), and the control
    every RL claim needs: continued supervised pretraining of the same base for the same
    wall time. Arms shared by several studies (the base) run once.
@@ -89,6 +90,13 @@ def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
         elif name == "@other_scoring":
             other = "graded" if base_adv(cfg).scoring == "binary" else "binary"
             name, ov = other, [f"adv.scoring={other}"]
+        if study == "aggregation" and base_assignment(cfg) != "broadcast":
+            # turn aggregation shapes the trajectory reward, which only broadcast assignment
+            # trains on: under per-turn assignment every arm of this study is the base run
+            # itself, so the study runs on broadcast assignment (its reference: broadcast + the
+            # base's aggregation, the assignment study's other arm)
+            name = "broadcast" if name == "base" else f"broadcast_{name}"
+            ov = ["adv.assignment=broadcast", *ov]
         out.append((name, ov))
     return out
 
