@@ -448,7 +448,7 @@ def bench(
     strips: int = typer.Option(24, "--strips", help="sessions shown as image strips in report.html"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="outputs:DIR: score a missing image (and later turns) as missing instead of failing"),
     chunk_size: int = typer.Option(64, "--chunk-size", help="turns per judge call and per records.jsonl append"),
-    judge_workers: int = typer.Option(0, "--judge-workers", help="program judge: worker processes (0: one per core when the run judges 1,500 turns or more, else 1)"),
+    judge_workers: int = typer.Option(0, "--judge-workers", help="program judge: worker processes (0: one per core when the run judges 1,000 turns or more, else 1)"),
     compile_editor: bool = typer.Option(False, "--compile", help="tiny editor: run it through torch.compile with frozen weights (~1.3-1.5x faster at batch 64 after a one-off compile of ~0.5-1 min per batch size)"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="vlm judges: the model name"),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="vlm judges: judging protocol"),

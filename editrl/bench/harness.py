@@ -117,7 +117,7 @@ def load_judge(spec: str, **options: Any):
     raise EditrlInputError(f"unknown judge {spec!r} (expected program, vlm:URL or vlm-local:PATH)")
 
 
-AUTO_WORKERS_MIN_TURNS = 1500     # --judge-workers 0: below this many turns one process is as fast (docs/RESULTS.md)
+AUTO_WORKERS_MIN_TURNS = 1000     # --judge-workers 0: 2 workers win from ~500 turns on 2 cores (docs/RESULTS.md, session 19)
 AUTO_WORKERS_MAX = 8
 
 
