@@ -137,7 +137,7 @@ def judge_workers_for(requested: int, judge_id: str, n_turns: int, chunk_size: i
         return requested
     if judge_id != "program" or n_turns < AUTO_WORKERS_MIN_TURNS:
         return 1
-    return max(1, min(usable_cores(), AUTO_WORKERS_MAX, -(-n_turns // chunk_size)))
+    return min(usable_cores(), AUTO_WORKERS_MAX, -(-n_turns // chunk_size))
 
 
 class ProcessPoolJudge:

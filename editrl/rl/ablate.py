@@ -82,15 +82,16 @@ def arms(cfg: AblateConfig) -> dict[str, list[str]]:
 
 def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
     """The arms of one study, placeholders resolved against the base recipe."""
+    adv = base_adv(cfg)
     out = []
     for name, ov in STUDIES[study]:
         if name == "@other_assignment":
-            other = "broadcast" if base_assignment(cfg) == "per_turn" else "per_turn"
+            other = "broadcast" if adv.assignment == "per_turn" else "per_turn"
             name, ov = other, [f"adv.assignment={other}"]
         elif name == "@other_scoring":
-            other = "graded" if base_adv(cfg).scoring == "binary" else "binary"
+            other = "graded" if adv.scoring == "binary" else "binary"
             name, ov = other, [f"adv.scoring={other}"]
-        if study == "aggregation" and base_assignment(cfg) != "broadcast":
+        if study == "aggregation" and adv.assignment != "broadcast":
             # turn aggregation shapes the trajectory reward, which only broadcast assignment
             # trains on: under per-turn assignment every arm of this study is the base run
             # itself, so the study runs on broadcast assignment (its reference: broadcast + the
@@ -111,10 +112,7 @@ def base_adv(cfg: AblateConfig):
 
 def base_assignment(cfg: AblateConfig) -> str:
     """The advantage assignment of the base arm (its preset plus the user's overrides)."""
-    from ..config import load_config
-    from .train import TrainConfig
-
-    return load_config(TrainConfig, cfg.preset, list(cfg.overrides)).adv.assignment
+    return base_adv(cfg).assignment
 
 
 def train_arm(cfg: AblateConfig, arm: str, ov: list[str], seed: int, out: Path, log: Callable[[str], None]) -> Path:
