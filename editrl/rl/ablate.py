@@ -110,11 +110,6 @@ def base_adv(cfg: AblateConfig):
     return load_config(TrainConfig, cfg.preset, list(cfg.overrides)).adv
 
 
-def base_assignment(cfg: AblateConfig) -> str:
-    """The advantage assignment of the base arm (its preset plus the user's overrides)."""
-    return base_adv(cfg).assignment
-
-
 def train_arm(cfg: AblateConfig, arm: str, ov: list[str], seed: int, out: Path, log: Callable[[str], None]) -> Path:
     """Train one (arm, seed) for the budget; returns the weights file to benchmark."""
     if ov == ["@supervised"]:
