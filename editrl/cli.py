@@ -511,7 +511,7 @@ def bench_compare(
     bootstrap: int = typer.Option(1000, "--bootstrap", help="paired bootstrap resamples"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Per-turn differences B - A (success, success@k, IF, CC, O) with paired bootstrap intervals over common sessions."""
+    """Per-turn differences B - A (success, success@k, IF, CC, O), and per task type (success, IF, CC), with paired bootstrap intervals over common sessions."""
     from .bench import compare_runs
 
     if bootstrap < 0:
@@ -527,6 +527,17 @@ def bench_compare(
             table.add_row(str(r["turn"]), {"success_all": "success@k"}.get(m, m), _rate(d["a"]), _rate(d["b"]),
                           "-" if d["diff"] is None else f"{d['diff']:+.3f}", ci, end_section=m == res["metrics"][-1])
     err.print(table)
+    if res["by_task"]:
+        table = Table(title="B - A by task type (every turn of the type, all positions)")
+        for col in ("task type", "turns", "metric", "A", "B", "B - A", "95% CI (paired)"):
+            table.add_column(col, no_wrap=True)
+        for r in res["by_task"]:
+            for m in res["task_metrics"]:
+                d = r[m]
+                ci = "-" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                table.add_row(escape(r["task_type"]), str(r["turns"]), m, _rate(d["a"]), _rate(d["b"]),
+                              "-" if d["diff"] is None else f"{d['diff']:+.3f}", ci, end_section=m == res["task_metrics"][-1])
+        err.print(table)
     if res["judge_settings_differ"]:
         err.print(f"note: the runs were judged with different judge settings ({escape(res['judge_settings_differ'])}); "
                   f"a difference may come from the judge, not the editor")

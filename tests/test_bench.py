@@ -21,7 +21,8 @@ import pytest
 
 from editrl.bench import BenchConfig, compare_runs, run_bench
 from editrl.bench.harness import ImageSource, cache_keys, pending_requests, read_records, turn_texts_all
-from editrl.bench.metrics import ERR, FAIL, NA, PASS, Outcomes, paired_differences, per_turn_metrics
+from editrl.bench.metrics import (ERR, FAIL, NA, PASS, Outcomes, paired_differences, paired_task_differences,
+                                  per_task_metrics, per_turn_metrics, task_labels)
 from editrl.cli import main
 from editrl.judges.base import cache_key
 from editrl.session import CHECKS, EditrlInputError, read_sessions, write_sessions
@@ -126,6 +127,10 @@ def test_ground_truth_scores_one_everywhere(gt_run):
     assert len(recs) == 36 and all(r["status"] == "judged" and r["cache_hit"] is False for r in recs)
     assert res["run"]["judge_calls"] == 36 and res["run"]["cache_hits"] == 0
     assert (out / "report.html").stat().st_size > 10_000
+    by_task = res["by_task"]                     # every turn of each type, all 1.0 on ground truth
+    assert sum(r["turns"] for r in by_task) == 36 and all(r["success"] == 1.0 and r["IF"] == 1.0 for r in by_task)
+    assert {r["task_type"] for r in by_task} == {r["task_type"] for r in recs}
+    assert "By task type" in (out / "report.html").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -487,6 +492,11 @@ def test_compare_paired_differences(gt_run, fault_world, world, tmp_path, capsys
     assert res["common_sessions"] == 30 and res["only_a"] == 10
     last = res["per_turn"][-1]["success_all"]
     assert last["diff"] < 0 and last["ci95"][1] < 0
+    # by task type: the faults' types are worse, the rest level; turns add up to the common turns
+    assert sum(r["turns"] for r in res["by_task"]) == sum(r["n"] for r in res["per_turn"])
+    worse = [r for r in res["by_task"] if r["success"]["diff"] < 0]
+    assert worse and all(r["success"]["a"] == 1.0 for r in res["by_task"])
+    assert all(r["success"]["diff"] <= 0 for r in res["by_task"])
     code, so, se = call(capsys, "bench", "compare", out_a, bad)
     assert_bad_input(code, so, se, "different suites")
     # runs judged under other judge settings: compared, with a note saying so
@@ -596,6 +606,48 @@ def test_paired_bootstrap_identical_is_zero_and_sees_a_difference():
     b.status[:, :, 0] = PASS                          # B always follows the instruction
     rows = paired_differences(a, b, n_boot=500)
     assert all(r["IF"]["diff"] > 0 and r["IF"]["ci95"][0] > 0 for r in rows)
+
+
+def test_per_task_metrics_hand_computed():
+    o = _outcomes({
+        "s1": ["PP--", "FP--", "PF--"],
+        "s2": ["EP--", "PP--", "M"],
+        "s3": ["PP--", "PP--"],
+    })
+    tasks = task_labels(o.session_ids, [3, 3, 2], {
+        ("s1", 1): "count", ("s1", 2): "add", ("s1", 3): "count",
+        ("s2", 1): "count", ("s2", 2): "add", ("s2", 3): "count",
+        ("s3", 1): "style", ("s3", 2): "add"})
+    rows = {r["task_type"]: r for r in per_task_metrics(o, tasks, n_boot=0)}
+    assert list(rows) == ["add", "count", "style"]         # TASK_TYPES order
+    c = rows["count"]                                       # s1 t1 pass, s1 t3 CC fail, s2 t1 error, s2 t3 missing
+    assert c["turns"] == 4 and c["judge_errors"] == 1 and c["missing"] == 1
+    # CC counts s2 t1's pass (only its IF errored); success only the two decided turns
+    assert c["IF"] == 1.0 and c["CC"] == pytest.approx(2 / 3) and c["success"] == 0.5 and c["GA"] is None
+    assert c["O"] == pytest.approx(np.sqrt(2 / 3))
+    a = rows["add"]                                         # s1 t2 IF fail, s2 t2 and s3 t2 pass
+    assert a["turns"] == 3 and a["success"] == pytest.approx(2 / 3) and a["IF"] == pytest.approx(2 / 3) and a["CC"] == 1.0
+    assert rows["style"]["turns"] == 1 and rows["style"]["success"] == 1.0
+    assert all(r["ci95"]["success"] is None for r in rows.values())
+    boot = {r["task_type"]: r for r in per_task_metrics(o, tasks, n_boot=200, seed=1)}
+    lo, hi = boot["add"]["ci95"]["success"]
+    assert 0.0 <= lo <= 2 / 3 <= hi <= 1.0
+
+
+def test_paired_task_differences_see_the_changed_type_only():
+    a = _random_outcomes(150, 7, K=3)
+    rng = np.random.default_rng(0)
+    kinds = np.array(["count", "color", "size"])
+    labels = {(sid, k): str(kinds[rng.integers(3)]) for sid in a.session_ids for k in (1, 2, 3)}
+    tasks = task_labels(a.session_ids, [3] * 150, labels)
+    b = Outcomes(a.session_ids, a.status.copy(), a.exists, a.missing)
+    b.status[tasks == "count"] = [PASS, PASS, NA, NA]      # B gets every count turn right
+    rows = {r["task_type"]: r for r in paired_task_differences(a, b, tasks, n_boot=400)}
+    assert list(rows) == ["color", "count", "size"]
+    assert rows["count"]["success"]["b"] == 1.0 and rows["count"]["success"]["ci95"][0] > 0
+    for t in ("color", "size"):
+        assert rows[t]["success"]["diff"] == 0.0 and rows[t]["success"]["ci95"] == [0.0, 0.0]
+    assert sum(r["turns"] for r in rows.values()) == 450
 
 
 # ------------------------------------------------------------------ the report, the tiny editor

@@ -47,7 +47,8 @@ from ..intent import load_reconstructor
 from ..judges.base import JudgeRequest, image_hash
 from ..session import EditrlInputError, Session, TurnVerdict, atomic_write_text
 from .cache import NoCache, VerdictCache, default_cache_path
-from .metrics import COMPARED, outcomes_from_records, overall_metrics, paired_differences, per_turn_metrics
+from .metrics import (COMPARED, TASK_COMPARED, outcomes_from_records, overall_metrics, paired_differences,
+                      paired_task_differences, per_task_metrics, per_turn_metrics, task_labels)
 from .suites import Suite, load_suite, sessions_digest
 
 FORMS = ("auto", "explicit", "raw", "in_context")
@@ -698,8 +699,11 @@ def aggregate(suite: Suite, records: dict, settings: dict[str, Any], cfg: BenchC
     if agreement is not None:
         for row, a in zip(per_turn, agreement):
             row["agreement"] = a
+    tasks = task_labels(o.session_ids, [s.n_turns for s in sessions],
+                        {(s.id, k): t.task_type for s in sessions for k, t in enumerate(s.turns, 1)})
     return {"suite": cfg.suite, "editor": cfg.editor, "judge": settings["judge"]["id"],
             "n_sessions": len(sessions), "per_turn": per_turn, "overall": overall_metrics(per_turn),
+            "by_task": per_task_metrics(o, tasks, n_boot=cfg.bootstrap, seed=cfg.seed),
             "settings": settings, "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "interval": "percentile 95%"}}
 
 
@@ -867,7 +871,8 @@ def _judge_identity(results: dict[str, Any]) -> dict[str, Any]:
 
 def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per turn, B − A for success, success@k, IF, CC and O over the sessions both runs hold
-    (matched by id), with paired bootstrap intervals. The runs must share a suite."""
+    (matched by id), with paired bootstrap intervals; and per task type (`by_task`), B − A for
+    success, IF and CC over every turn of that type. The runs must share a suite."""
     ra, rec_a = load_run(dir_a)
     rb, rec_b = load_run(dir_b)
     ka, kb = ra["settings"]["suite"]["key"], rb["settings"]["suite"]["key"]
@@ -890,6 +895,10 @@ def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int
     ob.exists &= oa.exists  # a turn counts only where both runs have it
     oa.exists &= ob.exists
     rows = paired_differences(oa, ob, n_boot=n_boot, seed=seed)
+    label = {key: r.get("task_type") for key, r in rec_b.items()}
+    label.update({key: r["task_type"] for key, r in rec_a.items() if r.get("task_type")})
+    tasks = task_labels(common, [min(ta[s], K) for s in common], label)
+    by_task = paired_task_differences(oa, ob, tasks, n_boot=n_boot, seed=seed)
     ja, jb = _judge_identity(ra), _judge_identity(rb)
     differs = None if ja == jb else _first_difference(ja, jb).replace(": was ", ": A ").replace(", now ", ", B ")
     return {"a": str(dir_a), "b": str(dir_b), "suite": ka,
@@ -897,4 +906,4 @@ def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int
             "judge_a": ra.get("judge"), "judge_b": rb.get("judge"), "judge_settings_differ": differs,
             "common_sessions": len(common), "only_a": len(set(ta) - set(tb)), "only_b": len(set(tb) - set(ta)),
             "metrics": list(COMPARED), "bootstrap": {"resamples": n_boot, "seed": seed, "paired": True},
-            "per_turn": rows}
+            "per_turn": rows, "task_metrics": list(TASK_COMPARED), "by_task": by_task}

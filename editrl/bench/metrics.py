@@ -212,6 +212,86 @@ def overall_metrics(per_turn: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "missing": sum(r["missing"] for r in per_turn)}
 
 
+# ------------------------------------------------------------------------- per task type
+
+TASK_RATES = ("IF", "CC", "GA", "CU", "success")
+TASK_COMPARED = ("success", "IF", "CC")
+
+
+def task_labels(session_ids: Sequence[str], n_turns: Sequence[int], label: Mapping[tuple[str, int], str | None]) -> np.ndarray:
+    """object [N, K]: the task type of every existing turn (None where the turn or its label is absent)."""
+    K = max(n_turns, default=0)
+    out = np.full((len(session_ids), K), None, dtype=object)
+    for i, (sid, nt) in enumerate(zip(session_ids, n_turns)):
+        for k in range(1, nt + 1):
+            out[i, k - 1] = label.get((sid, k))
+    return out
+
+
+def task_order(tasks: np.ndarray) -> list[str]:
+    """The labels present, in TASK_TYPES order, then any other label alphabetically."""
+    from ..session import TASK_TYPES
+
+    present = {t for t in tasks.ravel() if t is not None}
+    return [t for t in TASK_TYPES if t in present] + sorted(present - set(TASK_TYPES))
+
+
+def task_parts(o: Outcomes, mask: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (num, den) float [N, 1]: the per-turn rates of TASK_RATES pooled over the turns in mask [N, K].
+
+    These rates are per cell (a turn passes or fails on its own), so masking `exists` and
+    summing over turns pools every turn of the task type, whatever its position in the session.
+    """
+    parts = ratio_parts(Outcomes(o.session_ids, o.status, o.exists & mask, o.missing))
+    return {n: (parts[n][0].sum(1, keepdims=True), parts[n][1].sum(1, keepdims=True)) for n in TASK_RATES}
+
+
+def per_task_metrics(o: Outcomes, tasks: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """The `by_task` rows of results.json: per task type, IF / CC / GA / CU / success over every
+    judged turn of that type (all positions pooled), counts, and 95% bootstrap intervals over sessions."""
+    C = bootstrap_counts(len(o.session_ids), n_boot, seed) if n_boot > 0 and o.session_ids else None
+    err = (o.status == ERR).any(-1)                                    # [N, K]
+    rows = []
+    for t in task_order(np.where(o.exists, tasks, None)):
+        mask = o.exists & (tasks == t)                                 # [N, K]
+        parts = task_parts(o, mask)
+        point = rates(parts)
+        row: dict[str, Any] = {"task_type": t, "turns": int(mask.sum())}
+        row.update({n: _val(point[n][0]) for n in (*TASK_RATES, "O")})
+        row["judge_errors"] = int((err & mask & ~o.missing).sum())
+        row["missing"] = int((mask & o.missing).sum())
+        boot = bootstrap_rates(parts, C) if C is not None else None
+        row["ci95"] = {n: (percentile_ci(boot[n], point[n])[0] if boot is not None else None) for n in (*TASK_RATES, "O")}
+        rows.append(row)
+    return rows
+
+
+def paired_task_differences(a: Outcomes, b: Outcomes, tasks: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                            metrics: Iterable[str] = TASK_COMPARED) -> list[dict[str, Any]]:
+    """Per task type, B − A for each metric over the turns both runs hold, with a paired bootstrap
+    interval (the resamples draw sessions, as `paired_differences`)."""
+    if a.session_ids != b.session_ids or a.n_turns != b.n_turns:
+        raise ValueError("paired runs must hold the same sessions and turns")
+    metrics = list(metrics)
+    C = bootstrap_counts(len(a.session_ids), n_boot, seed) if n_boot > 0 and a.session_ids else None
+    both = a.exists & b.exists
+    rows = []
+    for t in task_order(np.where(both, tasks, None)):
+        mask = both & (tasks == t)
+        pa, pb = task_parts(a, mask), task_parts(b, mask)
+        ra, rb = rates(pa), rates(pb)
+        ba, bb = (bootstrap_rates(pa, C), bootstrap_rates(pb, C)) if C is not None else (None, None)
+        row: dict[str, Any] = {"task_type": t, "turns": int(mask.sum())}
+        for m in metrics:
+            d = rb[m][0] - ra[m][0]
+            ci = None
+            if ba is not None and not np.isnan(d):
+                ci = percentile_ci(bb[m] - ba[m], np.array([d]))[0]
+            row[m] = {"a": _val(ra[m][0]), "b": _val(rb[m][0]), "diff": _val(d), "ci95": ci}
+        rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------ paired
 
 def paired_differences(a: Outcomes, b: Outcomes, n_boot: int = 1000, seed: int = 0,

@@ -24,6 +24,7 @@ from ..session import CHECKS, EditrlInputError, Session, atomic_write_text
 STRIP_PX = 160          # displayed size of each image in a strip
 TEMPLATE = "report.html.j2"
 RATE_COLUMNS = ("IF", "CC", "GA", "CU", "success", "success_all", "marginal", "O")
+TASK_COLUMNS = ("IF", "CC", "GA", "CU", "success", "O")
 
 
 def _png_data_uri(img: np.ndarray) -> str:
@@ -156,10 +157,13 @@ def render_report(results: dict[str, Any], suite, records: dict, images, strips:
               "judge_errors": r["judge_errors"], "by_check": r["judge_errors_by_check"],
               "missing": r["missing"], "undecided": r["undecided"], "agreement": r.get("agreement")}
              for r in per_turn]
+    by_task = [{"task_type": r["task_type"], "turns": r["turns"], "cells": [_cell(r, c) for c in TASK_COLUMNS],
+                "judge_errors": r["judge_errors"], "missing": r["missing"]} for r in results.get("by_task") or []]
     shown = session_order(suite.sessions, records, strips)
     st = results["settings"]
     return env.get_template(TEMPLATE).render(
         r=results, s=st, run=results.get("run", {}), table=table, columns=RATE_COLUMNS,
+        by_task=by_task, task_columns=TASK_COLUMNS,
         plots=plot_rates(per_turn) if per_turn else [], strips=[strip(x, records, images) for x in shown],
         n_strips=len(shown), fmt=_fmt)
 
