@@ -37,6 +37,7 @@ def test_demo_end_to_end_writes_before_after_and_resumes(tmp_path):
     assert "before and after" in html and html.count("data:image/png;base64,") >= 2 + 3 * (1 + 2 * 3)
     cmp = json.loads((out / "compare.json").read_text())
     assert cmp["common_sessions"] == 3 and len(cmp["per_turn"]) == 3
+    assert sum(r["turns"] for r in cmp["by_task"]) == 9 and "By task type" in html
     # after benchmarks the post-trained weights, not the shipped ones
     assert "train/final/model.safetensors" in json.loads((out / "after" / "results.json").read_text())["editor"]
     # a re-run resumes: no new image is generated, the same result comes back
