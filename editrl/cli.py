@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .session import EditrlInputError
 
@@ -33,9 +34,35 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+class _EtaColumn(TimeRemainingColumn):
+    """Rich's time-remaining estimate, capped by a wall-time budget: a task updated with the field
+    `left_s` (seconds its `max_minutes` still allows, from the run's own clock) never shows more."""
+
+    def render(self, task):  # type: ignore[no-untyped-def]
+        left = task.fields.get("left_s")
+        if left is None or task.finished:
+            return super().render(task)
+        est = task.time_remaining
+        remaining = left if est is None else min(est, left)
+        return Text(_clock(remaining), style="progress.remaining")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(max(0.0, seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _time_left(max_minutes: float, row: dict) -> float | None:
+    """Seconds a run's `max_minutes` still allows after its row's `elapsed_min` (None: no limit)."""
+    if not max_minutes or max_minutes <= 0 or "elapsed_min" not in row:
+        return None
+    return max(0.0, max_minutes * 60.0 - float(row["elapsed_min"]) * 60.0)
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
+                    TimeElapsedColumn(), TextColumn("eta"), _EtaColumn(), console=err, transient=False)
 
 
 def _positive(name: str, v: int) -> int:
@@ -285,7 +312,8 @@ def pretrain_cmd(
         task = prog.add_task("pretraining", total=cfg.max_steps)
 
         def on_progress(step: int, total: int, row: dict) -> None:
-            prog.update(task, completed=step, description=f"pretraining loss {row['loss']:.4f}")
+            prog.update(task, completed=step, description=f"pretraining loss {row['loss']:.4f}",
+                        left_s=_time_left(cfg.max_minutes, row))
             if any(k.startswith("eval/") for k in row):
                 err.print({k: round(v, 3) for k, v in row.items() if k.startswith("eval/")})
 
@@ -317,7 +345,7 @@ def train_cmd(
             succ = [row[k] for k in sorted(row) if k.startswith("success/turn_")]
             desc = f"{cfg.algorithm} reward {row.get('reward/fused', float('nan')):.3f} success/turn " + \
                    " ".join(f"{v:.2f}" for v in succ)
-            prog.update(task, completed=step, description=desc)
+            prog.update(task, completed=step, description=desc, left_s=_time_left(cfg.max_minutes, row))
             if any(k.startswith("eval/") for k in row):
                 err.print({k: round(v, 3) for k, v in row.items() if k.startswith("eval/")})
 

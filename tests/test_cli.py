@@ -218,3 +218,17 @@ def test_in_process_no_arguments_has_no_empty_error(capsys):
     code, so, se = call(capsys)
     assert "Usage" in so + se
     assert "error:  (" not in se, se
+
+
+def test_eta_is_capped_by_the_wall_time_budget():
+    from types import SimpleNamespace
+
+    from editrl.cli import _EtaColumn, _time_left
+
+    assert _time_left(0, {"elapsed_min": 3.0}) is None and _time_left(30, {}) is None
+    assert _time_left(30, {"elapsed_min": 29.5}) == pytest.approx(30.0) and _time_left(30, {"elapsed_min": 31}) == 0.0
+    col = _EtaColumn()
+    task = lambda est, **f: SimpleNamespace(fields=f, finished=False, time_remaining=est)  # noqa: E731
+    assert col.render(task(9 * 3600.0, left_s=125.0)).plain == "0:02:05"   # 100,000 steps: hours; 30 minutes cap it
+    assert col.render(task(60.0, left_s=125.0)).plain == "0:01:00"         # the steps end first
+    assert col.render(task(None, left_s=125.0)).plain == "0:02:05"         # no speed measured yet
