@@ -725,3 +725,38 @@ def test_group_filter_judges_the_cells_advantages_are_normalised_over():
     s2 = compute_advantages([sess], _cfg(assignment="per_turn", per_turn_norm="session", fusion="reward",
                                          group_filter=True, group_mean_max=0.95))
     assert s2.keep.tolist() == [[T, T]] and s2.mask.all()
+
+
+def test_hybrid_scoring_grades_only_cells_without_a_success():
+    # turn 1: every trajectory fails -> graded scores rank them; turn 2: mixed -> binary
+    sess = _session("a", [[(0.2, 0.9), (0.9, 0.9)], [(0.4, 0.6), (0.3, 0.8)], [(0.1, 0.7), (0.7, 0.6)]])
+    res = compute_advantages([sess], _cfg(scoring="hybrid", assignment="per_turn", fusion="reward"))
+    assert close(res.A[0, :, 0], norm([0.55, 0.5, 0.4]))           # 0.5·IF + 0.5·CC, graded
+    assert close(res.A[0, :, 1], norm([1.0, 0.5, 1.0]))            # binary: traj 1 fails IF, passes CC
+    assert res.stats["group/graded_share"] == pytest.approx(0.5)
+    binary = compute_advantages([sess], _cfg(scoring="binary", assignment="per_turn", fusion="reward"))
+    assert close(binary.A[0, :, 0], [0.0, 0.0, 0.0])               # nothing to rank without grades
+    assert close(binary.A[0, :, 1], res.A[0, :, 1])
+    assert "group/graded_share" not in binary.stats
+
+
+def test_hybrid_scoring_looks_at_the_samples_the_statistics_use():
+    # turn 2's only success belongs to trajectory 0, which failed turn 1: per-turn assignment with the
+    # trajectory filter leaves it out, so turn 2's live samples (1, 2) all fail and are graded
+    sess = _session("a", [[(0.2, 0.9), (0.9, 0.9)], [(0.9, 0.9), (0.3, 0.8)], [(0.8, 0.8), (0.4, 0.9)]])
+    res = compute_advantages([sess], _cfg(scoring="hybrid", assignment="per_turn", fusion="reward",
+                                          trajectory_filter=True))
+    assert close(res.A[0, :, 1], [0.0, *norm([0.55, 0.65])])
+    assert close(res.A[0, :, 0], norm([0.5, 1.0, 1.0]))            # turn 1 is mixed: binary
+    # broadcast normalises whole trajectories: turn 2 holds a success, so it stays binary
+    bc = compute_advantages([sess], _cfg(scoring="hybrid", assignment="broadcast", fusion="reward"))
+    bin_bc = compute_advantages([sess], _cfg(scoring="binary", assignment="broadcast", fusion="reward"))
+    assert close(bc.A, bin_bc.A) and bc.stats["group/graded_share"] == 0.0
+
+
+def test_hybrid_scoring_needs_scores_and_is_a_known_choice():
+    sess = [[[tv("a", 1, IF=("fail", None), CC=("pass", 1.0))], [tv("a", 1, IF=("fail", 0.3), CC=("pass", 1.0))]]]
+    with pytest.raises(ValueError, match="graded scoring needs a score"):
+        compute_advantages(sess, _cfg(scoring="hybrid", assignment="per_turn"))
+    with pytest.raises(ValueError, match="scoring"):
+        AdvantageConfig(scoring="lexicographic")

@@ -34,6 +34,7 @@ from ..session import CHECKS, TurnVerdict
 __all__ = [
     "REWARDS",
     "SCORINGS",
+    "ADV_SCORINGS",
     "AGGREGATIONS",
     "FUSION_LEVELS",
     "ASSIGNMENTS",
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "TurnScores",
     "scores_from_verdicts",
+    "hybrid_scores",
     "aggregate_turns",
     "group_normalise",
     "fuse",
@@ -56,6 +58,7 @@ __all__ = [
 REWARDS: tuple[str, ...] = ("IF", "CC", "GA", "CU")
 assert REWARDS == CHECKS  # the rewards are the judge's checks, in the same order
 SCORINGS = ("binary", "graded")
+ADV_SCORINGS = (*SCORINGS, "hybrid")   # hybrid: binary, graded where a group has no success (`hybrid_scores`)
 AGGREGATIONS = ("mean", "min", "product", "last", "success_gated", "discounted")
 FUSION_LEVELS = ("reward", "advantage")
 ASSIGNMENTS = ("broadcast", "per_turn")
@@ -478,6 +481,17 @@ def group_filter(R: Tensor, valid: Tensor, std_min: float = 0.05, mean_max: floa
     return ~drop  # [B]
 
 
+def hybrid_scores(binary: Tensor, graded: Tensor, success: Tensor, live: Tensor) -> tuple[Tensor, Tensor]:
+    """Binary scores, with the graded ones in every (session, turn) cell where no live sample succeeds.
+
+    binary, graded: [B,G,K,M] scores of the same verdicts; success, live: [B,G,K] bool (live: the
+    sample enters its cell's statistics). Returns (score [B,G,K,M], fallback [B,K] bool: the cells
+    that took the graded scores, i.e. that hold a live sample and no live success).
+    """
+    fallback = live.any(dim=1) & ~(success & live).any(dim=1)  # [B,K]
+    return torch.where(fallback[:, None, :, None], graded, binary), fallback  # [B,G,K,M], [B,K]
+
+
 # --------------------------------------------------------------------------- config + driver
 
 @dataclass
@@ -486,7 +500,10 @@ class AdvantageConfig:
 
     scoring: str = "graded"
     """binary (pass 1 / fail 0) or graded (the check's score in [0, 1]); MT-EditFlow finds
-    graded 1-5 scoring the better learning signal."""
+    graded 1-5 scoring the better learning signal. hybrid: binary, except in a (session, turn)
+    group where no sample that enters the statistics succeeds; there the graded scores rank the
+    failures (a binary all-fail group has nothing to rank; graded scores in mixed groups give
+    failures positive advantages)."""
     aggregation: str = "mean"
     """turn aggregation per reward (ALGORITHMS §7.1): mean, min, product, last,
     success_gated, discounted. Used by broadcast assignment, by the group filter and for
@@ -517,7 +534,7 @@ class AdvantageConfig:
     """added to std_G (Flow-GRPO)."""
 
     def __post_init__(self) -> None:
-        _check_choice("scoring", self.scoring, SCORINGS)
+        _check_choice("scoring", self.scoring, ADV_SCORINGS)
         _check_choice("aggregation", self.aggregation, AGGREGATIONS)
         _check_choice("fusion", self.fusion, FUSION_LEVELS)
         _check_choice("assignment", self.assignment, ASSIGNMENTS)
@@ -570,6 +587,8 @@ class AdvantageResult:
         group/filtered_share  cells masked by the group filter / cells with a statistic (groups
                               for broadcast, (session, turn) cells for per_turn)
         adv/abs_mean          mean |A| over trained turns
+        group/graded_share    scoring hybrid: (session, turn) cells scored graded / cells with a
+                              judged turn
     """
 
     A: Tensor
@@ -597,12 +616,25 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
     ``cfg.aggregation``) of the trajectories without judge errors.
     """
     cfg = cfg or AdvantageConfig()
-    ts = scores_from_verdicts(verdicts, cfg.scoring)
+    ts = scores_from_verdicts(verdicts, "binary" if cfg.scoring == "hybrid" else cfg.scoring)
     B, G, K, M = ts.score.shape
     w = _weights_tensor(cfg.weight_vector())  # [M]
     present = ts.present  # [B,G,K]
     err = ts.error & present  # [B,G,K]
     scored = ts.scored  # [B,G,K,M]
+
+    # trajectory filter: depends only on success, so it is known before normalising
+    if cfg.trajectory_filter:
+        _, after_fail = trajectory_filter(torch.zeros(B, G, K), ts.success, present)  # [B,G,K]
+    else:
+        after_fail = torch.zeros_like(present)  # [B,G,K]
+
+    fallback = None
+    if cfg.scoring == "hybrid":
+        # the samples a (session, turn) cell's statistics use: per-turn drops filtered turns too
+        live = present & ~err & (~after_fail if cfg.assignment == "per_turn" else torch.ones_like(present))  # [B,G,K]
+        graded = scores_from_verdicts(verdicts, "graded").score  # [B,G,K,M]
+        ts.score, fallback = hybrid_scores(ts.score, graded, ts.success, live)  # [B,G,K,M], [B,K]
 
     # trajectory rewards: honest only without any judge error / missing verdict
     traj_valid = present.any(dim=-1) & ~err.any(dim=-1)  # [B,G]
@@ -611,13 +643,6 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
     R = torch.where(traj_valid[..., None], R, torch.full_like(R, math.nan))  # [B,G,M]
     A_traj, traj_eff, _, fused = _fuse(R, ~torch.isnan(R), traj_valid, w, cfg.fusion, (1,), cfg.eps)
     # A_traj [B,G], traj_eff [B,G], fused [B,G]
-
-
-    # trajectory filter: depends only on success, so it is known before normalising
-    if cfg.trajectory_filter:
-        _, after_fail = trajectory_filter(torch.zeros(B, G, K), ts.success, present)  # [B,G,K]
-    else:
-        after_fail = torch.zeros_like(present)  # [B,G,K]
 
     if cfg.assignment == "broadcast":
         A = broadcast(A_traj, K)  # [B,G,K]
@@ -689,5 +714,9 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
         stats["group/filtered_share"] = float((cells & ~keep).sum()) / float(cells.sum())
     if bool(mask.any()):
         stats["adv/abs_mean"] = float(A[mask].abs().mean())
+    if fallback is not None:
+        live_cells = (present & ~err).any(dim=1)  # [B,K]
+        if bool(live_cells.any()):   # hybrid: share of (session, turn) cells scored graded (no success to rank by)
+            stats["group/graded_share"] = float(fallback.sum()) / float(live_cells.sum())
 
     return AdvantageResult(A=A, mask=mask, rewards=R, fused=fused, keep=keep, scores=ts, stats=stats)
