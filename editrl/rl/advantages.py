@@ -632,7 +632,9 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
     fallback = None
     if cfg.scoring == "hybrid":
         # the samples a (session, turn) cell's statistics use: per-turn drops filtered turns too
-        live = present & ~err & (~after_fail if cfg.assignment == "per_turn" else torch.ones_like(present))  # [B,G,K]
+        live = present & ~err  # [B,G,K]
+        if cfg.assignment == "per_turn":
+            live = live & ~after_fail  # [B,G,K]
         graded = scores_from_verdicts(verdicts, "graded").score  # [B,G,K,M]
         ts.score, fallback = hybrid_scores(ts.score, graded, ts.success, live)  # [B,G,K,M], [B,K]
 
