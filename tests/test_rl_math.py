@@ -760,3 +760,33 @@ def test_hybrid_scoring_needs_scores_and_is_a_known_choice():
         compute_advantages(sess, _cfg(scoring="hybrid", assignment="per_turn"))
     with pytest.raises(ValueError, match="scoring"):
         AdvantageConfig(scoring="lexicographic")
+
+
+def test_hybrid_graded_cells_use_their_own_group_filter_threshold():
+    # turn 1: every trajectory fails, graded fused rewards 0.65 / 0.655 / 0.66 (std 0.0041);
+    # turn 2: mixed pass/fail, binary
+    sess = _session("a", [[(0.40, 0.9), (0.9, 0.9)], [(0.41, 0.9), (0.3, 0.8)], [(0.42, 0.9), (0.9, 0.6)]])
+    kw = dict(scoring="hybrid", assignment="per_turn", fusion="reward", group_filter=True, group_mean_max=1.0)
+    res = compute_advantages([sess], _cfg(**kw))                        # fallback_std_min 0.001 < 0.0041
+    assert res.keep.tolist() == [[T, T]]
+    assert close(res.A[0, :, 0], norm([0.65, 0.655, 0.66]))
+    assert res.stats["group/graded_kept_share"] == 1.0
+    strict = compute_advantages([sess], _cfg(**kw, fallback_std_min=0.05))
+    assert strict.keep.tolist() == [[F, T]] and close(strict.A[0, :, 0], [0.0] * 3)
+    assert strict.stats["group/graded_kept_share"] == 0.0
+    assert close(strict.A[0, :, 1], res.A[0, :, 1])                     # the binary cell is untouched
+    # graded scoring everywhere: the same cell is judged by group_std_min and dropped
+    graded = compute_advantages([sess], _cfg(**{**kw, "scoring": "graded"}))
+    assert not graded.keep[0, 0] and "group/graded_kept_share" not in graded.stats
+    # broadcast: a group holding a graded cell takes the lower threshold
+    bc = compute_advantages([sess], _cfg(**{**kw, "assignment": "broadcast"}))
+    assert bc.keep.tolist() == [[T, T]]
+    with pytest.raises(ValueError, match="fallback_std_min"):
+        AdvantageConfig(fallback_std_min=-0.1)
+
+
+def test_group_filter_takes_one_threshold_per_group():
+    R = torch.tensor([[0.5, 0.51], [0.5, 0.51]])  # [B=2, G=2], std 0.005 each
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    assert group_filter(R, valid, torch.tensor([0.001, 0.01]), 1.0).tolist() == [True, False]
+    assert group_filter(R, valid, 0.001, 1.0).tolist() == [True, True]

@@ -45,6 +45,7 @@ from editrl.world.parse import (
 )
 from editrl.world.render import degrade, object_mask, render, shape_mask
 from editrl.world.scene import (
+    ATTRS,
     BACKGROUNDS,
     CELL_NAMES,
     COLORS,
@@ -59,7 +60,7 @@ from editrl.world.scene import (
     Scene,
     apply_edit,
 )
-from editrl.world.verify import _footprint, diff_attrs, judge_turn, match
+from editrl.world.verify import _footprint, _requested_attr, diff_attrs, judge_turn, match
 
 SINGLE = ("add", "replace", "color", "material", "size", "position")   # edits of exactly one object
 TARGETED = ("remove", "replace", "color", "material", "size", "position")  # named by a referring expression
@@ -1081,3 +1082,37 @@ def test_program_judge_memory_is_bounded(corpus, monkeypatch):
     monkeypatch.setattr(program, "_MEMORY", 2)
     judge._parse(degrade(render(corpus[0][1][0]), np.random.default_rng(0)), 64)
     assert len(judge._parsed) == 2
+
+
+def test_graded_if_ranks_a_wrong_fill_by_how_far_it_is_filled(corpus):
+    """A shape asked solid but drawn with a hole fails IF whatever its fill level; its graded
+    score rises as the hole fills in (a half-filled hole ranks above an empty outline), and
+    stays within one attribute's share: between 1 - 1/n (a clean hole) and 1 - 0.5/n."""
+    import dataclasses
+    n_cases = 0
+    for s, scenes in corpus:
+        for k, t in enumerate(s.turns, start=1):
+            if t.task_type not in ("replace", "size", "color") or t.target is None:
+                continue
+            tid = int(t.target["id"])
+            o = scenes[k].get(tid)
+            if o.fill != "solid" or "fill" in t.params.get("also", {}):
+                continue
+            hollow = scenes[k].with_objects([dataclasses.replace(x, fill="hollow") if x.id == tid else x
+                                             for x in scenes[k].objects])
+            full, empty = render(scenes[k]).astype(np.float32), render(hollow).astype(np.float32)
+            scores = []
+            for a in (0.0, 0.25, 0.5):   # all below HOLLOW_LEVEL: still read hollow
+                img = np.clip(np.rint(empty * (1 - a) + full * a), 0, 255).astype(np.uint8)
+                v = judge_turn(img, scenes[k - 1], scenes[k], t, k, s.global_constraint, s.id)
+                assert v.IF.status == "fail" and "fill is hollow" in v.IF.reason, (s.id, k, v.IF)
+                scores.append(v.IF.score)
+            also = set(t.params.get("also", {}))
+            n_asked = sum(a not in also or a == _requested_attr(t.task_type) for a in ATTRS)
+            assert scores[0] < scores[1] < scores[2], (s.id, k, scores)
+            assert 1 - 1 / n_asked - 1e-6 <= scores[0] and scores[2] <= 1 - 0.5 / n_asked + 1e-6, (s.id, k, scores)
+            n_cases += 1
+            break
+        if n_cases >= 6:
+            break
+    assert n_cases >= 6

@@ -463,7 +463,7 @@ def trajectory_filter(A: Tensor, success: Tensor, present: Tensor | None = None)
     return torch.where(masked, torch.zeros_like(A), A), masked  # [B,G,K], [B,G,K]
 
 
-def group_filter(R: Tensor, valid: Tensor, std_min: float = 0.05, mean_max: float = 0.9) -> Tensor:
+def group_filter(R: Tensor, valid: Tensor, std_min: float | Tensor = 0.05, mean_max: float = 0.9) -> Tensor:
     """Edit-R1 group filtering -> keep [B] bool.
 
     R [B,G] is the fused scalar reward on the [0, 1] scale (Σ_m w̃_m·R_m with weights
@@ -472,7 +472,8 @@ def group_filter(R: Tensor, valid: Tensor, std_min: float = 0.05, mean_max: floa
     the samples of one turn for per-turn assignment); valid [B,G] its members. A group is masked when its population std over
     valid members is <= std_min (too little signal: normalising would amplify noise) or its
     mean is >= mean_max (already solved). A group with no valid member has no statistic
-    and is kept (its members are masked by their own judge errors).
+    and is kept (its members are masked by their own judge errors). ``std_min`` is one
+    threshold or one per group ([B]).
     """
     if R.ndim != 2 or valid.shape != R.shape:
         raise ValueError(f"R and valid must both be [B, G]; got {tuple(R.shape)} and {tuple(valid.shape)}")
@@ -528,6 +529,11 @@ class AdvantageConfig:
     (Edit-R1)."""
     group_std_min: float = 0.05
     group_mean_max: float = 0.9
+    fallback_std_min: float = 0.001
+    """scoring hybrid: the group filter's std threshold in a (session, turn) cell scored graded
+    (broadcast / session norm: in a group holding such a cell). Graded failures differ by
+    fractions of an attribute (a fill level, a texture share), far less than a pass differs
+    from a fail, and the judge is exact, so the usual threshold would mask them all."""
     adv_clip: float | None = 5.0
     """clip advantages to ±adv_clip (Flow-GRPO A_max = 5); None: no clip."""
     eps: float = 1e-4
@@ -551,6 +557,8 @@ class AdvantageConfig:
             raise ValueError(f"eps must be > 0; got {self.eps}")
         if not self.group_std_min >= 0:
             raise ValueError(f"group_std_min must be >= 0; got {self.group_std_min}")
+        if not self.fallback_std_min >= 0:
+            raise ValueError(f"fallback_std_min must be >= 0; got {self.fallback_std_min}")
 
     def weight_vector(self) -> list[float]:
         """The weights in :data:`REWARDS` order (missing rewards 0)."""
@@ -589,6 +597,7 @@ class AdvantageResult:
         adv/abs_mean          mean |A| over trained turns
         group/graded_share    scoring hybrid: (session, turn) cells scored graded / cells with a
                               judged turn
+        group/graded_kept_share  scoring hybrid: graded cells the group filter keeps / graded cells
     """
 
     A: Tensor
@@ -638,6 +647,11 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
         graded = scores_from_verdicts(verdicts, "graded").score  # [B,G,K,M]
         ts.score, fallback = hybrid_scores(ts.score, graded, ts.success, live)  # [B,G,K,M], [B,K]
 
+    # the group filter's std threshold per (session, turn) cell: lower where graded scores rank failures
+    std_min = torch.full((B, K), cfg.group_std_min)  # [B,K]
+    if fallback is not None:
+        std_min = torch.where(fallback, torch.full_like(std_min, cfg.fallback_std_min), std_min)  # [B,K]
+
     # trajectory rewards: honest only without any judge error / missing verdict
     traj_valid = present.any(dim=-1) & ~err.any(dim=-1)  # [B,G]
     R = aggregate_turns(ts.score.permute(0, 1, 3, 2), scored.permute(0, 1, 3, 2), cfg.aggregation,
@@ -652,7 +666,7 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
         traj_masked = after_fail & ~err_masked  # [B,G,K]
         sample_ok = present & traj_eff[..., None] & ~traj_masked  # [B,G,K]
         # the group filter judges the trajectory rewards the advantages were normalised over
-        keep_g = (group_filter(fused, traj_eff, cfg.group_std_min, cfg.group_mean_max) if cfg.group_filter
+        keep_g = (group_filter(fused, traj_eff, std_min.min(dim=1).values, cfg.group_mean_max) if cfg.group_filter
                   else torch.ones(B, dtype=torch.bool))  # [B]
         keep = keep_g[:, None].expand(B, K).clone()  # [B,K]
         cells = traj_eff.any(dim=1)[:, None].expand(B, K) & present.any(dim=1)  # [B,K] groups with a statistic
@@ -674,12 +688,13 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
             if cfg.group_filter:
                 for k in range(K):
                     keep[:, k] = group_filter(torch.nan_to_num(turn_fused[:, :, k]), turn_eff[:, :, k],
-                                              cfg.group_std_min, cfg.group_mean_max)
+                                              std_min[:, k], cfg.group_mean_max)
         else:
             cells = turn_eff.any(dim=(1, 2))[:, None].expand(B, K) & present.any(dim=1)  # [B,K]
             if cfg.group_filter:
                 pooled = torch.nan_to_num(turn_fused).reshape(B, G * K)  # [B,G*K]
-                keep_s = group_filter(pooled, turn_eff.reshape(B, G * K), cfg.group_std_min, cfg.group_mean_max)
+                keep_s = group_filter(pooled, turn_eff.reshape(B, G * K), std_min.min(dim=1).values,
+                                      cfg.group_mean_max)
                 keep = keep_s[:, None].expand(B, K).clone()  # [B,K]
     no_reward = present & ~err_masked & ~traj_masked & ~sample_ok  # [B,G,K]
     group_masked = sample_ok & ~keep[:, None, :]  # [B,G,K]
@@ -720,5 +735,7 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
         live_cells = (present & ~err).any(dim=1)  # [B,K]
         if bool(live_cells.any()):   # hybrid: share of (session, turn) cells scored graded (no success to rank by)
             stats["group/graded_share"] = float(fallback.sum()) / float(live_cells.sum())
+            if bool(fallback.any()):   # the graded cells that kept their gradient (group filter)
+                stats["group/graded_kept_share"] = float((fallback & keep).sum()) / float(fallback.sum())
 
     return AdvantageResult(A=A, mask=mask, rewards=R, fused=fused, keep=keep, scores=ts, stats=stats)

@@ -88,6 +88,7 @@ class Detection:
     area: int
     iou: float
     mask: np.ndarray = field(repr=False)
+    fill_level: float | None = None      # mean background->colour level inside the hole (None: no shape)
 
     def attrs(self) -> dict:
         return {"color": self.color, "shape": self.shape, "size": self.size, "fill": self.fill, "cell": self.cell}
@@ -470,14 +471,16 @@ def _classify(filled: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], t
     return out
 
 
-def _fill(tplane: np.ndarray, hole: tuple | None) -> str:
-    """Fill from `tplane` [H, W] (per-pixel position on the background->colour line, 0 =
-    background, 1 = object colour) averaged over the template's `hole` (from `_classify`):
-    a blurred small hole still reads well below 1, while palette snapping would fill it in."""
+def _fill(tplane: np.ndarray, hole: tuple | None) -> tuple[str, float]:
+    """(fill, level) from `tplane` [H, W] (per-pixel position on the background->colour line,
+    0 = background, 1 = object colour) averaged over the template's `hole` (from `_classify`):
+    a blurred small hole still reads well below 1, while palette snapping would fill it in.
+    The level is kept so a graded judge can tell a half-filled hole from a clean one."""
     if hole is None:
-        return "solid"                                  # no hole pixel in the window: level 1
+        return "solid", 1.0                             # no hole pixel in the window: level 1
     rows, cols, mask = hole
-    return "solid" if _mean32(tplane[rows, cols][mask]) > HOLLOW_LEVEL else "hollow"
+    level = _mean32(tplane[rows, cols][mask])
+    return ("solid" if level > HOLLOW_LEVEL else "hollow"), level
 
 
 def _components(members: np.ndarray, margin: int) -> tuple[np.ndarray, list, np.ndarray, list]:
@@ -578,13 +581,14 @@ def _detections(per: list[list[tuple]], tplane, present: list[int], copy: bool) 
     for pc, found in enumerate(per):
         color, plane = COLORS_NAMES[present[pc]], None
         for bbox, center, area, cell, kind, iou, hole, mask in found:
-            shape = size = fill = None
+            shape = size = fill = level = None
             if kind is not None:
                 shape, size = _KINDS[kind]
                 if hole is not None and plane is None:
                     plane = tplane(pc)
-                fill = _fill(plane, hole)
-            out.append(Detection(color, shape, size, fill, cell, center, bbox, area, iou, mask.copy() if copy else mask))
+                fill, level = _fill(plane, hole)
+            out.append(Detection(color, shape, size, fill, cell, center, bbox, area, iou,
+                                 mask.copy() if copy else mask, level))
     return out
 
 

@@ -8,6 +8,8 @@ The output image is parsed and its objects are matched to the expected scene aft
   (attributes imposed only by a global rule are GA's business); `remove`: no trace of the
   object (neither the object nor a faint residue where it was); `count`: exactly N copies,
   at the convention's cells; `background`: the new background.
+  Graded IF is the share of the asked attributes the object shows; a wrong fill counts by
+  how far its read level lies from the solid/hollow boundary (`_missed`).
 - CC: nothing else changed, against the expected scene: every other object identical,
   no extra object, the background kept, no unexplained residue. Graded CC is the preserved
   fraction times a pixel term (share of free background that does not deviate), so it also
@@ -31,7 +33,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from ..session import CheckResult, GlobalConstraint, Turn, TurnVerdict
-from .parse import Detection, Parsed, parse
+from .parse import HOLLOW_LEVEL, Detection, Parsed, parse
 from .render import object_mask
 from .scene import ATTRS, CELL_NAMES, Geometry, Obj, Scene
 
@@ -93,6 +95,19 @@ def _obj_report(o: Obj, d: Detection | None, attrs: list[str] | None = None) -> 
         return [], ""
     parts = ", ".join(f"{a} is {_fmt(a, d.attrs()[a])} (expected {_fmt(a, getattr(o, a))})" for a in diffs)
     return diffs, f"{o.describe()}: {parts}"
+
+
+def _missed(o: Obj, d: Detection | None, diffs: list[str]) -> float:
+    """How much of `diffs` (o's attributes that `d` gets wrong) is missed, for the graded
+    score: 1 per attribute, except a wrong fill whose level was read, which counts from 0.5 (a
+    hole read right at the solid/hollow boundary, HOLLOW_LEVEL) to 1 (a clean hole where solid
+    was asked, full colour where hollow was), so a graded reward can rank a half-filled shape
+    above an empty outline."""
+    if d is None or "fill" not in diffs or d.fill_level is None:
+        return float(len(diffs))
+    lv = d.fill_level
+    far = 1.0 - lv / HOLLOW_LEVEL if o.fill == "solid" else (lv - HOLLOW_LEVEL) / (1.0 - HOLLOW_LEVEL)
+    return len(diffs) - 0.5 + 0.5 * min(max(far, 0.0), 1.0)
 
 
 def _check(ok: bool, score: float, reason: str) -> CheckResult:
@@ -181,7 +196,7 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
         o = nxt.get(tid)
         asked = [a for a in ATTRS if a not in rule_attrs or a == _requested_attr(t)]
         diffs, reason = _obj_report(o, matched[o.id], asked)
-        IF = _check(not diffs, 1.0 - len(diffs) / len(asked), reason)
+        IF = _check(not diffs, 1.0 - _missed(o, matched[o.id], diffs) / len(asked), reason)
 
     # ------------------------------------------------------------------------ CC
     others = [o for o in nxt.objects if o.id not in edited_ids]
@@ -219,12 +234,12 @@ def judge_parsed(parsed: Parsed, prev: Scene, nxt: Scene, turn: Turn, turn_index
             if pid is not None and nxt.has(pid):
                 p = nxt.get(pid)
                 diffs, reason = _obj_report(p, matched[p.id])
-                GA = _check(not diffs, 1.0 - len(diffs) / len(ATTRS),
+                GA = _check(not diffs, 1.0 - _missed(p, matched[p.id], diffs) / len(ATTRS),
                             f"protected {reason}" if diffs else "")
         elif params.get("governed") and rule_attrs and tid is not None and nxt.has(tid):
             o = nxt.get(tid)
             diffs, reason = _obj_report(o, matched[o.id], sorted(rule_attrs))
-            GA = _check(not diffs, 1.0 - len(diffs) / len(rule_attrs),
+            GA = _check(not diffs, 1.0 - _missed(o, matched[o.id], diffs) / len(rule_attrs),
                         f"rule '{constraint.text}' broken: {reason}" if diffs else "")
 
     # ------------------------------------------------------------------------ CU
