@@ -648,9 +648,9 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
         ts.score, fallback = hybrid_scores(ts.score, graded, ts.success, live)  # [B,G,K,M], [B,K]
 
     # the group filter's std threshold per (session, turn) cell: lower where graded scores rank failures
-    std_min = torch.full((B, K), cfg.group_std_min)  # [B,K]
-    if fallback is not None:
-        std_min = torch.where(fallback, torch.full_like(std_min, cfg.fallback_std_min), std_min)  # [B,K]
+    std_min = (torch.full((B, K), cfg.group_std_min) if fallback is None
+               else torch.where(fallback, cfg.fallback_std_min, cfg.group_std_min))  # [B,K]
+    std_min_group = std_min.min(dim=1).values  # [B] a group holding a graded cell takes its threshold
 
     # trajectory rewards: honest only without any judge error / missing verdict
     traj_valid = present.any(dim=-1) & ~err.any(dim=-1)  # [B,G]
@@ -666,7 +666,7 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
         traj_masked = after_fail & ~err_masked  # [B,G,K]
         sample_ok = present & traj_eff[..., None] & ~traj_masked  # [B,G,K]
         # the group filter judges the trajectory rewards the advantages were normalised over
-        keep_g = (group_filter(fused, traj_eff, std_min.min(dim=1).values, cfg.group_mean_max) if cfg.group_filter
+        keep_g = (group_filter(fused, traj_eff, std_min_group, cfg.group_mean_max) if cfg.group_filter
                   else torch.ones(B, dtype=torch.bool))  # [B]
         keep = keep_g[:, None].expand(B, K).clone()  # [B,K]
         cells = traj_eff.any(dim=1)[:, None].expand(B, K) & present.any(dim=1)  # [B,K] groups with a statistic
@@ -693,8 +693,7 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
             cells = turn_eff.any(dim=(1, 2))[:, None].expand(B, K) & present.any(dim=1)  # [B,K]
             if cfg.group_filter:
                 pooled = torch.nan_to_num(turn_fused).reshape(B, G * K)  # [B,G*K]
-                keep_s = group_filter(pooled, turn_eff.reshape(B, G * K), std_min.min(dim=1).values,
-                                      cfg.group_mean_max)
+                keep_s = group_filter(pooled, turn_eff.reshape(B, G * K), std_min_group, cfg.group_mean_max)
                 keep = keep_s[:, None].expand(B, K).clone()  # [B,K]
     no_reward = present & ~err_masked & ~traj_masked & ~sample_ok  # [B,G,K]
     group_masked = sample_ok & ~keep[:, None, :]  # [B,G,K]
