@@ -117,13 +117,15 @@ def test_aggregation_study_runs_on_broadcast_assignment(tmp_path):
     assert study_arms(broadcast_base, "aggregation")[:2] == [("base", []), ("agg_min", ["adv.aggregation=min"])]
 
 
-def test_scoring_study_compares_the_base_with_the_other_scoring(tmp_path):
+def test_scoring_study_compares_the_base_with_every_other_scoring(tmp_path):
     from editrl.rl.ablate import AblateConfig, study_arms
 
     binary_base = AblateConfig(out=tmp_path, studies=["scoring"])                     # shapes-nft: binary
-    assert study_arms(binary_base, "scoring") == [("base", []), ("graded", ["adv.scoring=graded"])]
+    assert study_arms(binary_base, "scoring") == [("base", []), ("graded", ["adv.scoring=graded"]),
+                                                  ("hybrid", ["adv.scoring=hybrid"])]
     graded_base = AblateConfig(out=tmp_path, studies=["scoring"], overrides=["adv.scoring=graded"])
-    assert study_arms(graded_base, "scoring") == [("base", []), ("binary", ["adv.scoring=binary"])]
+    assert study_arms(graded_base, "scoring") == [("base", []), ("binary", ["adv.scoring=binary"]),
+                                                  ("hybrid", ["adv.scoring=hybrid"])]
 
 
 def test_ablate_parallel_jobs_match_the_table_layout_and_resume(tmp_path):

@@ -28,12 +28,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..session import EditrlInputError, atomic_write_text
+from .advantages import ADV_SCORINGS
 
 # study -> [(arm, overrides)]; "@grpo" switches the preset, "@supervised" runs the control.
 STUDIES: dict[str, list[tuple[str, list[str]]]] = {
     "assignment": [("base", []), ("@other_assignment", [])],      # the assignment the base does not use
     "fusion": [("base", []), ("reward_fusion", ["adv.fusion=reward"])],
-    "scoring": [("base", []), ("@other_scoring", [])],            # the scoring the base does not use
+    "scoring": [("base", []), ("@other_scorings", [])],           # every scoring the base does not use
     "aggregation": [("base", [])] + [(f"agg_{m}", [f"adv.aggregation={m}"])
                                      for m in ("min", "product", "last", "success_gated", "discounted")],
     "trajectory_filter": [("base", []), ("no_trajectory_filter", ["adv.trajectory_filter=false"])],
@@ -88,9 +89,9 @@ def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
         if name == "@other_assignment":
             other = "broadcast" if adv.assignment == "per_turn" else "per_turn"
             name, ov = other, [f"adv.assignment={other}"]
-        elif name == "@other_scoring":
-            other = "graded" if adv.scoring == "binary" else "binary"
-            name, ov = other, [f"adv.scoring={other}"]
+        elif name == "@other_scorings":
+            out += [(other, [f"adv.scoring={other}"]) for other in ADV_SCORINGS if other != adv.scoring]
+            continue
         if study == "aggregation" and adv.assignment != "broadcast":
             # turn aggregation shapes the trajectory reward, which only broadcast assignment
             # trains on: under per-turn assignment every arm of this study is the base run
