@@ -2,7 +2,7 @@
 
 1. **Arms.** Each study compares arms that differ from the base recipe (the `shapes-nft`
    preset plus the user's overrides) in one knob: assignment (broadcast vs per-turn),
-   fusion (advantage vs reward level), scoring (graded vs binary), turn aggregation (mean,
+   fusion (advantage vs reward level), scoring (binary, graded, hybrid), turn aggregation (mean,
    min, product, last, success-gated, discounted; on broadcast assignment, the only one that
    trains on the aggregate), trajectory filtering (on vs off),
    algorithm (DiffusionNFT vs Flow-GRPO), training turns (K = 3 vs K = 1), and the control
