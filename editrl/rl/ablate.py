@@ -28,7 +28,6 @@ from typing import Any, Callable
 import numpy as np
 
 from ..session import EditrlInputError, atomic_write_text
-from .advantages import ADV_SCORINGS
 
 # study -> [(arm, overrides)]; "@grpo" switches the preset, "@supervised" runs the control.
 STUDIES: dict[str, list[tuple[str, list[str]]]] = {
@@ -83,6 +82,8 @@ def arms(cfg: AblateConfig) -> dict[str, list[str]]:
 
 def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
     """The arms of one study, placeholders resolved against the base recipe."""
+    from .advantages import ADV_SCORINGS
+
     adv = base_adv(cfg)
     out = []
     for name, ov in STUDIES[study]:
