@@ -24,9 +24,12 @@ from editrl.rl import (
     optimality_weight,
     per_turn_advantages,
     scores_from_verdicts,
+    lineage_success,
     trajectory_filter,
     transition_kl,
+    verdict_success,
 )
+from editrl.rl.rollout import choose_parents
 from editrl.sampling import kl_between_means
 from editrl.session import CheckResult, TurnVerdict
 
@@ -790,3 +793,61 @@ def test_group_filter_takes_one_threshold_per_group():
     valid = torch.ones(2, 2, dtype=torch.bool)
     assert group_filter(R, valid, torch.tensor([0.001, 0.01]), 1.0).tolist() == [True, False]
     assert group_filter(R, valid, 0.001, 1.0).tolist() == [True, True]
+
+
+# ----------------------------------------------------------------------------- branched rollouts
+
+def test_verdict_success_is_the_success_scores_from_verdicts_counts():
+    cases = [tv("s", 1, IF=("pass", 1.0), CC=("pass", 0.9)), tv("s", 1, IF=("pass", 1.0), CC=("fail", 0.2)),
+             tv("s", 1, IF=("pass", 1.0), CC="judge_error"), tv("s", 1, IF=("pass", 1.0))]
+    ts = scores_from_verdicts([[[v] for v in cases]], "binary")
+    assert [verdict_success(v) for v in cases] == [T, F, F, T] == ts.success[0, :, 0].tolist()
+    assert verdict_success(None) is False
+
+
+def test_choose_parents_picks_uniformly_among_successes_else_among_live():
+    success = torch.tensor([[F, T, F, T], [F, F, F, F], [T, F, F, F], [F, F, T, F]])   # [B=4, G=4]
+    live = torch.tensor([[T, T, T, T], [T, F, T, F], [T, T, T, T], [T, T, F, T]])
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.stack([choose_parents(success, live, gen) for _ in range(2000)])    # [N, B]
+    assert set(picks[:, 0].tolist()) == {1, 3}                       # only the successes
+    assert set(picks[:, 1].tolist()) == {0, 2}                       # none succeeded: any live one
+    assert set(picks[:, 2].tolist()) == {0}                          # the one success
+    assert set(picks[:, 3].tolist()) == {0, 1, 3}                    # its success is not live
+    share = (picks[:, 0] == 1).float().mean().item()
+    assert abs(share - 0.5) < 0.05                                   # uniform among the pool
+    a = choose_parents(success, live, torch.Generator().manual_seed(7))
+    b = choose_parents(success, live, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)                                         # a pure function of the generator
+    with pytest.raises(ValueError, match="must both be"):
+        choose_parents(success, live[:, :3])
+
+
+def test_lineage_success_reads_the_parents_turns():
+    # B=1, G=3, K=3: turn-1 parent 2 (failed), turn-2 parent 0 (passed); the last turn is each one's own
+    success = torch.tensor([[[T, T, F], [F, F, T], [F, T, T]]])     # [1, G, K]
+    parents = torch.tensor([[2, 0, -1]])                             # [1, K]
+    got = lineage_success(success, parents)
+    assert got.tolist() == [[[F, T, F], [F, T, T], [F, T, T]]]
+    with pytest.raises(ValueError, match="parents"):
+        lineage_success(success, torch.tensor([[0, 0]]))
+
+
+def test_branched_advantages_filter_by_lineage_and_refuse_broadcast():
+    # one session, G=2, K=2. Row 0 failed turn 1, row 1 passed it; the rollout continued from row 1,
+    # so both turn-2 samples sit on a passed turn 1 and keep their advantages
+    v = [[[tv("s", 1, IF=("fail", 0.0)), tv("s", 2, IF=("pass", 1.0))],
+          [tv("s", 1, IF=("pass", 1.0)), tv("s", 2, IF=("fail", 0.0))]]]
+    cfg = AdvantageConfig(scoring="binary", assignment="per_turn", group_filter=False, weights={"IF": 1.0})
+    plain = compute_advantages(v, cfg)
+    assert plain.mask[0, :, 1].tolist() == [F, T]                    # own rows: row 0 is filtered at turn 2
+    res = compute_advantages(v, cfg, parents=torch.tensor([[1, -1]]))
+    assert res.mask[0, :, 1].tolist() == [T, T]
+    assert close(res.A[0, :, 1], norm([1.0, 0.0]))                  # the two edits of one input compared
+    assert close(res.A[0, :, 0], norm([0.0, 1.0]))
+    # continued from the failed row: every turn-2 sample is after a failure
+    res = compute_advantages(v, cfg, parents=torch.tensor([[0, -1]]))
+    assert res.mask[0, :, 1].tolist() == [F, F]
+    assert res.stats["mask/trajectory_filtered_share"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="per_turn"):
+        compute_advantages(v, AdvantageConfig(scoring="binary", assignment="broadcast"), parents=torch.tensor([[1, -1]]))

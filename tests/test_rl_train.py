@@ -252,3 +252,74 @@ def test_nft_without_negatives_trains_only_on_positive_advantages(small_ckpt):
     assert both["nft/samples"] == 12 and pos["nft/samples"] == float((A > 0).sum()) == 4
     assert pos["nft/r_mean"] > 0.5 > both["nft/r_mean"] - 1e-6
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ed.trainable_parameters())
+
+
+def test_branched_rollout_continues_every_trajectory_from_its_parent(small_ckpt):
+    ed = load_tiny(f"tiny:{small_ckpt}")
+    cfg = small_cfg(small_ckpt, turns=3)
+    sessions = training_sessions(cfg, 0)
+    sources = [render(session_scenes(s)[0]) for s in sessions]
+    G, calls = 3, []
+
+    def branch(k):
+        calls.append(k)
+        return [2, 0] if k == 1 else [1, 1]
+
+    ro = grouped_rollout(ed, sessions, sources, G=G, K=3, steps=2, generator=torch.Generator().manual_seed(0),
+                         branch=branch)
+    assert calls == [1, 2] and ro.parents.tolist() == [[2, 1, -1], [0, 1, -1]]
+    for k in (1, 2):                                   # turn k+1's inputs are all the parent's turn-k output
+        for b in range(2):
+            p = int(ro.parents[b, k - 1])
+            for g in range(G):
+                assert torch.equal(ro.turns[k].inputs[b * G + g], ro.turns[k - 1].outputs[b * G + p])
+    for b in range(2):                                 # images: the parents' lineage, then the row's own output
+        p1, p2 = int(ro.parents[b, 0]), int(ro.parents[b, 1])
+        for g in range(G):
+            imgs = ro.images[b][g]
+            assert len(imgs) == 4 and np.array_equal(imgs[2], ro.images[b][p2][2])
+            assert np.array_equal(imgs[1], ro.images[b][p1][1])
+    # the G edits of one input still differ (their own noise)
+    assert not np.array_equal(ro.images[0][0][3], ro.images[0][1][3])
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_success_branching_continues_from_a_judged_success(overlap):
+    """With the shipped editor and the program judge, the parent of every turn is a trajectory
+    whose turn passed whenever one did (the verdicts are read as soon as the turn is judged)."""
+    from editrl.judges import load_judge
+    from editrl.rl.rewards import RewardPipeline
+    from editrl.rl.rollout import choose_parents
+
+    ed = load_tiny("tiny")
+    cfg = load_config(TrainConfig, None, dict(sessions_per_step=3, group=3, turns=2, final_eval=False))
+    sessions = training_sessions(cfg, 0)
+    sources = [render(session_scenes(s)[0]) for s in sessions]
+    pipe = RewardPipeline(load_judge("program"), overlap=overlap)
+    pipe.begin(sessions, 3, explicit=True)
+    gen = torch.Generator().manual_seed(0)
+    branch = lambda k: choose_parents(torch.tensor(pipe.turn_success(k)), torch.ones(3, 3, dtype=torch.bool), gen)  # noqa: E731
+    ro = grouped_rollout(ed, sessions, sources, 3, 2, steps=4, generator=torch.Generator().manual_seed(1),
+                         on_turn=pipe.turn_done, branch=branch)
+    verdicts, _ = pipe.verdicts()
+    pipe.close()
+    from editrl.rl import verdict_success
+    ok = [[verdict_success(verdicts[b][g][0]) for g in range(3)] for b in range(3)]
+    assert any(any(r) for r in ok)                     # the shipped editor passes some first turns
+    for b in range(3):
+        if any(ok[b]):
+            assert ok[b][int(ro.parents[b, 0])]
+    assert all(v is not None for b in verdicts for g in b for v in g)   # every turn judged once, none lost
+
+
+def test_branched_training_resumes_identically_and_refuses_broadcast(small_ckpt, tmp_path):
+    adv = {"group_filter": False, "assignment": "per_turn"}
+    cfg = small_cfg(small_ckpt, algorithm="nft", max_steps=2, branch="success", adv=adv)
+    train(cfg, tmp_path / "full", log=lambda m: None)
+    train(cfg, tmp_path / "cut", log=lambda m: None, stop_at=1)
+    train(cfg, tmp_path / "cut", log=lambda m: None)
+    assert untimed_rows(tmp_path / "full") == untimed_rows(tmp_path / "cut")
+    with pytest.raises(ValueError, match="per_turn"):
+        small_cfg(small_ckpt, branch="success", adv={"assignment": "broadcast"})
+    with pytest.raises(ValueError, match="branch must be one of"):
+        small_cfg(small_ckpt, branch="sometimes")

@@ -30,6 +30,8 @@ from .advantages import (
     per_turn_advantages,
     scores_from_verdicts,
     trajectory_filter,
+    lineage_success,
+    verdict_success,
 )
 from .flow_grpo import grpo_loss, transition_kl
 from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
@@ -50,6 +52,8 @@ __all__ = [
     "per_turn_advantages",
     "scores_from_verdicts",
     "trajectory_filter",
+    "lineage_success",
+    "verdict_success",
     "grpo_loss",
     "transition_kl",
     "ema_update_",

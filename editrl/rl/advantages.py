@@ -441,6 +441,30 @@ def per_turn_advantages(turn_scores: Tensor, scored: Tensor, valid: Tensor,
 
 # --------------------------------------------------------------------------- filters
 
+def verdict_success(v: TurnVerdict | None) -> bool:
+    """The success :func:`scores_from_verdicts` counts: every applicable check passes (a missing
+    verdict or a judge error is not a success)."""
+    if v is None:
+        return False
+    statuses = [getattr(v, m).status for m in REWARDS]
+    return all(st in (None, "pass") for st in statuses)
+
+
+def lineage_success(success: Tensor, parents: Tensor) -> Tensor:
+    """Branched rollouts: what each sample's *own trajectory* passed at every turn.
+
+    success [B,G,K] bool, parents [B,K] int64 (the trajectory every sample of turn k+1 continued
+    from; -1 where no turn followed) -> [B,G,K] bool. Turn k of sample g sits on its parents'
+    outputs at turns j < k, so entry (b, g, j) is the parent's success where turn j had one
+    (every g alike) and g's own otherwise (the last turn)."""
+    if success.ndim != 3 or parents.shape != (success.shape[0], success.shape[2]):
+        raise ValueError(f"success must be [B, G, K] and parents [B, K]; got {tuple(success.shape)} and "
+                         f"{tuple(parents.shape)}")
+    idx = parents.clamp(min=0)[:, None, :].expand_as(success)  # [B,G,K]
+    of_parent = torch.gather(success.bool(), 1, idx)  # [B,G,K]
+    return torch.where((parents >= 0)[:, None, :], of_parent, success.bool())  # [B,G,K]
+
+
 def trajectory_filter(A: Tensor, success: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Edit-R2 trajectory filtering: turns *after* the first failed turn get A = 0.
 
@@ -610,7 +634,7 @@ class AdvantageResult:
 
 
 def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]],
-                       cfg: AdvantageConfig | None = None) -> AdvantageResult:
+                       cfg: AdvantageConfig | None = None, parents: Tensor | None = None) -> AdvantageResult:
     """Judge verdicts ``[B][G][K_b]`` -> per-turn advantages, mask and log stats.
 
     Judge errors (a check with status judge_error, or a verdict None) mask their sample and
@@ -623,8 +647,18 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
     per-turn assignment the filtered turns are also left out of the turn statistics.
     The group filter always looks at the fused *trajectory* reward (aggregated with
     ``cfg.aggregation``) of the trajectories without judge errors.
+
+    ``parents`` [B,K] (branched rollouts, :func:`editrl.rl.rollout.choose_parents`): every
+    sample of turn k+1 continued from trajectory ``parents[b, k-1]``'s output, so a row of the
+    grid is no trajectory. Only per-turn assignment is defined then, and the trajectory filter
+    follows each sample's lineage (:func:`lineage_success`). The logged trajectory rewards
+    remain per-row turn aggregates, and success/turn_k is the success of turn k given the
+    chosen (successful, where one was) earlier turns.
     """
     cfg = cfg or AdvantageConfig()
+    if parents is not None and cfg.assignment != "per_turn":
+        raise ValueError("branched rollouts (parents) need assignment='per_turn': their rows are no trajectories "
+                         "whose advantage could be broadcast")
     ts = scores_from_verdicts(verdicts, "binary" if cfg.scoring == "hybrid" else cfg.scoring)
     B, G, K, M = ts.score.shape
     w = _weights_tensor(cfg.weight_vector())  # [M]
@@ -634,7 +668,8 @@ def compute_advantages(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None]]
 
     # trajectory filter: depends only on success, so it is known before normalising
     if cfg.trajectory_filter:
-        _, after_fail = trajectory_filter(torch.zeros(B, G, K), ts.success, present)  # [B,G,K]
+        lineage = ts.success if parents is None else lineage_success(ts.success, parents)  # [B,G,K]
+        _, after_fail = trajectory_filter(torch.zeros(B, G, K), lineage, present)  # [B,G,K]
     else:
         after_fail = torch.zeros_like(present)  # [B,G,K]
 

@@ -95,14 +95,39 @@ class RewardPipeline:
         self.calls += len(reqs)
         self.pending.append((where, self.pool.submit(self.judge.judge, reqs) if self.pool else reqs))
 
+    def turn_success(self, k: int) -> list[list[bool]]:
+        """[B][G]: whether trajectory g of session b passed every check of turn k, waiting for
+        turn k's verdicts if they are still being judged (what rollout branching picks parents
+        by). A missing verdict or a judge error is not a success."""
+        from .advantages import verdict_success
+
+        out = [[False] * self.G for _ in self.sessions]
+        for i, (where, res) in enumerate(self.pending):
+            if not where or where[0][2] != k:
+                continue
+            if not isinstance(res, Future):               # no overlap: judged now, kept (done) for verdicts()
+                done: Future = Future()
+                done.set_result(self.judge.judge(res))
+                self.pending[i] = (where, done)
+                res = done
+            got = res.result()
+            if len(got) != len(where):
+                raise RuntimeError(f"judge {getattr(self.judge, 'judge_id', '?')} returned {len(got)} verdicts "
+                                   f"for {len(where)} requests")
+            for (b, g, _), v in zip(where, got):
+                out[b][g] = verdict_success(v)
+        return out
+
     def verdicts(self) -> tuple[list[list[list]], float]:
         """All verdicts of the step, and the seconds spent waiting for them here (without
         overlap: every turn's requests judged now, in one batch)."""
         t0 = time.perf_counter()
         out: list[list[list]] = [[[None] * s.n_turns for _ in range(self.G)] for s in self.sessions]
-        if self.pool is None and self.pending:
-            where = [w for ws, _ in self.pending for w in ws]
-            self.pending = [(where, self.judge.judge([r for _, reqs in self.pending for r in reqs]))]
+        todo = [(ws, reqs) for ws, reqs in self.pending if not isinstance(reqs, Future)]
+        if todo:                                          # no overlap: the turns not judged yet, in one batch
+            where = [w for ws, _ in todo for w in ws]
+            self.pending = [(ws, r) for ws, r in self.pending if isinstance(r, Future)] + \
+                [(where, self.judge.judge([r for _, reqs in todo for r in reqs]))]
         for where, res in self.pending:
             got = res.result() if isinstance(res, Future) else res
             if len(got) != len(where):

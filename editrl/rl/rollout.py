@@ -11,6 +11,14 @@ Two kinds of rollout share this loop:
 * any solver without storage (DiffusionNFT): only each turn's input and clean output are
   kept, and the loss re-noises the output along the forward process.
 
+Branching (`branch=`, optional): after turn k every trajectory of a session continues from
+*one* of the group's turn-k outputs, its parent (`choose_parents`: a random successful one,
+or a random one). Each later turn's group then holds G edits of the same input, so a
+per-turn advantage compares edits rather than the inputs earlier turns left behind, and
+the later turns are trained on the states a successful session passes through. The
+parents are kept in `Rollout.parents`; a trajectory's images are its parents' lineage
+followed by its own output.
+
 Nothing here knows a judge or a loss.
 """
 
@@ -47,6 +55,9 @@ class Rollout:
     K: int
     turns: list[TurnBatch]                  # [K]
     images: list[list[list[np.ndarray]]]    # [B][G][K+1] uint8, index 0 = source (turns a session lacks: absent)
+    parents: Tensor | None = None           # [B, K] int64: branching only, the trajectory of turn k (0-based
+                                            # column k-1) whose output every trajectory took as turn k+1's input;
+                                            # -1 where no turn followed (the last turn, a session that ended)
 
     def trajectory_images(self, b: int, g: int) -> list[np.ndarray]:
         return self.images[b][g]
@@ -57,7 +68,7 @@ def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Se
                     K: int | None = None, form: str = "explicit", steps: int = 10, solver: str = "ode",
                     noise_level: float = 0.7, window: int | None = None, store: bool = False,
                     generator: torch.Generator | None = None, text_fn=None, batch_text_fn=None,
-                    on_turn=None) -> Rollout:
+                    on_turn=None, branch=None) -> Rollout:
     """Roll out G trajectories of every session for K turns on the editor's own outputs.
 
     `text_fn(session, k, images_so_far) -> (instruction, context)` overrides the text form
@@ -66,6 +77,8 @@ def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Se
     (row b*G + g; rows of ended sessions are ignored), e.g. a sampling text policy.
     `on_turn(k, rows)` is called as soon as turn k is done, rows = [(b, g, images so far)] of
     the trajectories that have turn k (how rewards are judged while the rollout goes on).
+    `branch(k) -> [B] int` (called after `on_turn(k)`, before every turn but the first) names
+    each session's parent trajectory at turn k: all G trajectories continue from its output.
     """
     if G < 1:
         raise ValueError("G must be at least 1")
@@ -74,7 +87,23 @@ def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Se
     images: list[list[list[np.ndarray]]] = [[[sources[b]] for _ in range(G)] for b in range(B)]
     current = [sources[b] for b in range(B) for _ in range(G)]                       # [B*G] uint8
     turns: list[TurnBatch] = []
+    parents = torch.full((B, K), -1, dtype=torch.long) if branch is not None else None   # [B, K]
     for k in range(1, K + 1):
+        if branch is not None and k > 1:
+            chosen = [int(p) for p in branch(k - 1)]                                     # [B]
+            if len(chosen) != B:
+                raise ValueError(f"branch({k - 1}) returned {len(chosen)} parents for {B} sessions")
+            for b in range(B):
+                p = chosen[b]
+                if sessions[b].n_turns < k:                                              # ended: nothing follows
+                    continue
+                if not 0 <= p < G:
+                    raise ValueError(f"branch({k - 1}) named trajectory {p} of session {b}; G = {G}")
+                parents[b, k - 2] = p
+                lineage = images[b][p]
+                for g in range(G):
+                    images[b][g] = list(lineage)
+                    current[b * G + g] = lineage[-1]
         live = torch.tensor([sessions[b].n_turns >= k for b in range(B) for _ in range(G)])   # [B*G]
         texts, contexts = [], []
         batch_texts = batch_text_fn(k) if batch_text_fn is not None else None
@@ -102,4 +131,19 @@ def grouped_rollout(editor: FlowEditor, sessions: Sequence[Session], sources: Se
         turns.append(TurnBatch(k, x_in, x_out, texts, contexts, live, res.transitions if store else None))
         if on_turn is not None:
             on_turn(k, [(b, g, images[b][g]) for b in range(B) for g in range(G) if sessions[b].n_turns >= k])
-    return Rollout([s.id for s in sessions], G, K, turns, images)
+    return Rollout([s.id for s in sessions], G, K, turns, images, parents)
+
+
+def choose_parents(success: Tensor, live: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Each session's parent for the next turn: uniformly one of its live successful trajectories,
+    or uniformly one of its live ones when none succeeded (0 when none is live).
+
+    success, live: [B, G] bool -> [B] int64. A trajectory whose verdict is missing or has a
+    judge error counts as not successful (its output cannot be vouched for)."""
+    if success.shape != live.shape or success.ndim != 2:
+        raise ValueError(f"success and live must both be [B, G]; got {tuple(success.shape)} and {tuple(live.shape)}")
+    good = success.bool() & live.bool()                                                  # [B, G]
+    pool = torch.where(good.any(dim=1, keepdim=True), good, live.bool())                 # [B, G]
+    u = torch.rand(success.shape, generator=generator)                                   # [B, G]
+    # the argmax of uniform draws over the pool is a uniform pick from the pool
+    return torch.where(pool, u, torch.full_like(u, -1.0)).argmax(dim=1)                  # [B]

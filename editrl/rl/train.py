@@ -12,6 +12,8 @@ The recipe, top to bottom (`train`):
 2. **Rollout** (`rl.rollout.grouped_rollout`): B fresh ShapesWorld sessions x G trajectories
    x K turns on the policy's own outputs. GRPO samples with the SDE and stores each window
    step's log-probability; NFT samples with any solver and keeps each turn's clean output.
+   With `branch` the G trajectories of a session go on from one shared output after every
+   turn (a successful one, chosen as soon as the turn is judged).
 3. **Reward** (`rl.rewards`). Every turn of every trajectory is judged by the benchmark's
    judges (`reward.judge`: the exact program judge on ShapesWorld, `vlm:URL` for an
    OpenAI-compatible server such as vLLM, `vlm-local:PATH` for a transformers VLM), turn by
@@ -64,9 +66,10 @@ from .curriculum import CurriculumConfig, TaskCurriculum
 from .ema import ema_export, ema_init, ema_state_update_
 from .nft import ema_update_, nft_loss, old_policy_decay, optimality_weight
 from .rewards import RewardConfig, RewardPipeline, TrainingSessions, load_reward_judge
-from .rollout import Rollout, grouped_rollout
+from .rollout import Rollout, choose_parents, grouped_rollout
 
 TRAIN_SEED_OFFSET = 7_919          # training sessions: sample_session(seed + offset, step * B + i)
+BRANCHES = ("none", "success", "random")   # TrainConfig.branch
 EVAL_SEED = 2_024_000              # held-out sessions for periodic evaluation (never trained on)
 
 
@@ -84,6 +87,10 @@ class TrainConfig:
     rollout_steps: int = 10             # T: denoising steps per edit
     solver: str = "ode"                 # NFT rollout solver (GRPO always samples with the SDE)
     noise_level: float = 0.7            # SDE noise level a (GRPO; NFT when solver = sde)
+    branch: str = "none"                # none: each trajectory goes on from its own output | success: after every
+                                        # turn all G go on from one of the group's outputs, a random successful one
+                                        # (else any) | random: from a random one. Later turns' groups then compare
+                                        # G edits of one input (needs adv.assignment=per_turn; editrl/rl/rollout.py)
     window: int = 0                     # GRPO: SDE window length (0 = every step but the last)
     constraint_share: float = 0.3       # grammar: share of sessions with a global rule
     pronoun_prob: float = 0.6           # grammar: chance of a pronoun where one is possible
@@ -151,6 +158,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.group < 2:
             raise ValueError("group must be at least 2 (advantages compare trajectories within a group)")
+        if self.branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {self.branch!r}")
+        if self.branch != "none" and self.adv.assignment != "per_turn":
+            raise ValueError(f"branch={self.branch} needs adv.assignment=per_turn (branched rows are no trajectories "
+                             f"to broadcast an advantage over)")
         if not 0 <= self.window <= self.rollout_steps - 1:
             raise ValueError(f"window must be in 0..rollout_steps-1 = {self.rollout_steps - 1}")
         if not 0 < self.nft_sigma_min < 1:
@@ -349,6 +361,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     per_session = cfg.session_rng or W > 1
     if per_session and cfg.intent.spec != "none":
         raise EditrlInputError("intent.spec needs one process and session_rng=false (its texts are written batch-wide)")
+    if cfg.branch != "none" and per_session:
+        raise EditrlInputError(f"branch={cfg.branch} needs one process and session_rng=false (parents are chosen "
+                               f"batch-wide from the judged turn)")
     if main:
         out.mkdir(parents=True, exist_ok=True)
     D.barrier()
@@ -484,8 +499,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
                     grouped_rollout(actor, sessions[:1], sources[:1], cfg.group, cfg.turns,
                                     generator=torch.Generator().manual_seed(0), **sample_kw)
         else:
+            branch_fn = None
+            if cfg.branch != "none":
+                branch_gen = step_generator(cfg, step, 98)
+                live_all = torch.ones(len(sessions), cfg.group, dtype=torch.bool)         # [B, G]
+
+                def branch_fn(k: int) -> torch.Tensor:                                     # [B] parents of turn k
+                    ok = (torch.tensor(rewards.turn_success(k), dtype=torch.bool) if cfg.branch == "success"
+                          else torch.zeros_like(live_all))                                   # [B, G]
+                    return choose_parents(ok, live_all, branch_gen)
             ro = grouped_rollout(actor, sessions, sources, cfg.group, cfg.turns, generator=step_generator(cfg, step, 0),
-                                 batch_text_fn=batch_text_fn, on_turn=rewards.turn_done, **sample_kw)
+                                 batch_text_fn=batch_text_fn, on_turn=rewards.turn_done, branch=branch_fn,
+                                 **sample_kw)
         t1 = time.time()
         # 3. rewards (judged turn by turn during the rollout; what is left is waited for here)
         verdicts, wait = rewards.verdicts()
@@ -493,7 +518,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
         row["reward/judge_calls"] = int(D.global_count(rewards.calls)) if W > 1 else rewards.calls
         t2 = time.time()
         # 4. advantages (on the whole batch: every rank gathers every verdict)
-        adv = compute_advantages(D.gather_verdicts(verdicts) if W > 1 else verdicts, cfg.adv)
+        parents = None if ro.parents is None else ro.parents[:, :max(s.n_turns for s in sessions)]   # [B, K]
+        adv = compute_advantages(D.gather_verdicts(verdicts) if W > 1 else verdicts, cfg.adv, parents=parents)
         row.update(adv.stats)
         row.update(curriculum.update(all_sessions, adv.mask))   # every rank holds the whole mask: same state
         A_loc = D.local_slice(adv.A, len(all_sessions), R, W) if W > 1 else adv.A           # [B_rank, G, K]
