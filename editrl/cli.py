@@ -360,7 +360,7 @@ def ablate_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="ablation folder (a re-run resumes)"),
     studies: str = typer.Option("all", "--studies", help="comma-separated: assignment, fusion, scoring, aggregation, "
-                                "trajectory_filter, algorithm, train_turns, control (or all)"),
+                                "trajectory_filter, algorithm, train_turns, branching, control (or all)"),
     seeds: int = typer.Option(3, "--seeds"),
     minutes: float = typer.Option(5.0, "--minutes", help="wall-time budget of every (arm, seed) run"),
     sessions: int = typer.Option(100, "--sessions", help="held-out 3-turn sessions per benchmark"),

@@ -89,7 +89,7 @@ def test_summarise_paired_differences_and_bootstrap():
     assert "reward_fusion" in markdown(t)
     assert bootstrap_ci(np.ones(5), 100, 0) == (1.0, 1.0) and bootstrap_ci(np.ones(5), 0, 0) is None
     assert set(STUDIES) >= {"assignment", "fusion", "scoring", "aggregation", "trajectory_filter", "algorithm",
-                            "train_turns", "control"}
+                            "train_turns", "branching", "control"}
 
 
 def test_assignment_study_compares_the_base_with_the_other_assignment(tmp_path):
@@ -161,3 +161,18 @@ def test_training_curve_moving_mean_has_no_edge_dip_and_skips_missing_steps():
     out = moving_mean(gappy, 3)
     assert np.allclose(out[:4], 0.9) and np.isnan(out[5]) and out[-1] == pytest.approx(0.6)
     assert np.array_equal(moving_mean(y, 1), y)
+
+
+def test_branching_study_runs_every_other_branching_on_per_turn_assignment(tmp_path):
+    from editrl.rl.ablate import AblateConfig, arms, study_arms
+
+    per_turn_base = AblateConfig(out=tmp_path, studies=["branching"])                 # shapes-nft: per_turn, none
+    assert study_arms(per_turn_base, "branching") == [("base", []), ("branch_success", ["branch=success"]),
+                                                       ("branch_random", ["branch=random"])]
+    success_base = AblateConfig(out=tmp_path, studies=["branching"], overrides=["branch=success"])
+    assert arms(success_base) == {"base": [], "branch_none": ["branch=none"], "branch_random": ["branch=random"]}
+    broadcast_base = AblateConfig(out=tmp_path, studies=["branching"], overrides=["adv.assignment=broadcast"])
+    assert study_arms(broadcast_base, "branching") == [
+        ("per_turn", ["adv.assignment=per_turn"]),
+        ("per_turn_branch_success", ["adv.assignment=per_turn", "branch=success"]),
+        ("per_turn_branch_random", ["adv.assignment=per_turn", "branch=random"])]

@@ -5,7 +5,9 @@
    fusion (advantage vs reward level), scoring (binary, graded, hybrid), turn aggregation (mean,
    min, product, last, success-gated, discounted; on broadcast assignment, the only one that
    trains on the aggregate), trajectory filtering (on vs off),
-   algorithm (DiffusionNFT vs Flow-GRPO), training turns (K = 3 vs K = 1), and the control
+   algorithm (DiffusionNFT vs Flow-GRPO), training turns (K = 3 vs K = 1), rollout branching
+   (each trajectory on its own outputs vs all G going on from a shared, successful or random,
+   output; on per-turn assignment, the only one it is defined for), and the control
    every RL claim needs: continued supervised pretraining of the same base for the same
    wall time. Arms shared by several studies (the base) run once.
 2. **Runs.** Every (arm, seed) trains for the same wall-time budget into
@@ -39,6 +41,7 @@ STUDIES: dict[str, list[tuple[str, list[str]]]] = {
     "trajectory_filter": [("base", []), ("no_trajectory_filter", ["adv.trajectory_filter=false"])],
     "algorithm": [("base", []), ("grpo", ["@grpo"])],
     "train_turns": [("base", []), ("train_k1", ["turns=1"])],
+    "branching": [("base", []), ("@other_branches", [])],         # every rollout branching the base does not use
     "control": [("base", []), ("supervised", ["@supervised"])],
 }
 EVAL_SEED = 2_025_000        # held-out benchmark sessions of the ablation (never trained on)
@@ -83,10 +86,15 @@ def arms(cfg: AblateConfig) -> dict[str, list[str]]:
 def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
     """The arms of one study, placeholders resolved against the base recipe."""
     from .advantages import ADV_SCORINGS
+    from .train import BRANCHES
 
-    adv = base_adv(cfg)
+    base = base_config(cfg)
+    adv = base.adv
     out = []
     for name, ov in STUDIES[study]:
+        if name == "@other_branches":
+            out += [(f"branch_{other}", [f"branch={other}"]) for other in BRANCHES if other != base.branch]
+            continue
         if name == "@other_assignment":
             other = "broadcast" if adv.assignment == "per_turn" else "per_turn"
             name, ov = other, [f"adv.assignment={other}"]
@@ -101,15 +109,19 @@ def study_arms(cfg: AblateConfig, study: str) -> list[tuple[str, list[str]]]:
             name = "broadcast" if name == "base" else f"broadcast_{name}"
             ov = ["adv.assignment=broadcast", *ov]
         out.append((name, ov))
+    if study == "branching" and adv.assignment != "per_turn":
+        # branched rows are no trajectories to broadcast over: on a broadcast base the study
+        # runs on per-turn assignment (its reference: per-turn + the base's branching)
+        out = [("per_turn" if n == "base" else f"per_turn_{n}", ["adv.assignment=per_turn", *o]) for n, o in out]
     return out
 
 
-def base_adv(cfg: AblateConfig):
-    """The advantage settings of the base arm (its preset plus the user's overrides)."""
+def base_config(cfg: AblateConfig):
+    """The training config of the base arm (its preset plus the user's overrides)."""
     from ..config import load_config
     from .train import TrainConfig
 
-    return load_config(TrainConfig, cfg.preset, list(cfg.overrides)).adv
+    return load_config(TrainConfig, cfg.preset, list(cfg.overrides))
 
 
 def train_arm(cfg: AblateConfig, arm: str, ov: list[str], seed: int, out: Path, log: Callable[[str], None]) -> Path:
