@@ -321,5 +321,10 @@ def test_branched_training_resumes_identically_and_refuses_broadcast(small_ckpt,
     assert untimed_rows(tmp_path / "full") == untimed_rows(tmp_path / "cut")
     with pytest.raises(ValueError, match="per_turn"):
         small_cfg(small_ckpt, branch="success", adv={"assignment": "broadcast"})
+    with pytest.raises(EditrlInputError, match="intent.spec"):
+        train(small_cfg(small_ckpt, branch="success", adv=adv, intent={"spec": "rules"}), tmp_path / "intent",
+              log=lambda m: None)
+    with pytest.raises(EditrlInputError, match="one process"):
+        train(small_cfg(small_ckpt, branch="success", adv=adv, session_rng=True), tmp_path / "rng", log=lambda m: None)
     with pytest.raises(ValueError, match="branch must be one of"):
         small_cfg(small_ckpt, branch="sometimes")

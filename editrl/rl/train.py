@@ -361,6 +361,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, log: Callable[[str], None] =
     per_session = cfg.session_rng or W > 1
     if per_session and cfg.intent.spec != "none":
         raise EditrlInputError("intent.spec needs one process and session_rng=false (its texts are written batch-wide)")
+    if cfg.branch != "none" and cfg.intent.spec != "none":
+        raise EditrlInputError(f"branch={cfg.branch} does not combine with intent.spec (each trajectory's rewritten "
+                               f"texts follow its own history, its images would follow its parents')")
     if cfg.branch != "none" and per_session:
         raise EditrlInputError(f"branch={cfg.branch} needs one process and session_rng=false (parents are chosen "
                                f"batch-wide from the judged turn)")
