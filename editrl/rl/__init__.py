@@ -27,10 +27,10 @@ from .advantages import (
     fuse,
     group_filter,
     group_normalise,
+    lineage_success,
     per_turn_advantages,
     scores_from_verdicts,
     trajectory_filter,
-    lineage_success,
     verdict_success,
 )
 from .flow_grpo import grpo_loss, transition_kl
@@ -49,10 +49,10 @@ __all__ = [
     "fuse",
     "group_filter",
     "group_normalise",
+    "lineage_success",
     "per_turn_advantages",
     "scores_from_verdicts",
     "trajectory_filter",
-    "lineage_success",
     "verdict_success",
     "grpo_loss",
     "transition_kl",
