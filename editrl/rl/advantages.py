@@ -222,7 +222,6 @@ def scores_from_verdicts(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None
                 elif v.session_id != sid:
                     raise ValueError(f"group {b} mixes sessions {sid!r} and {v.session_id!r}: "
                                      "a group is the trajectories of one session")
-                ok = True
                 for m, name in enumerate(REWARDS):
                     c = getattr(v, name)
                     if c.status is None:
@@ -231,7 +230,6 @@ def scores_from_verdicts(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None
                     if c.status == "judge_error":
                         error[b][g][k] = True
                         continue
-                    ok = ok and c.status == "pass"
                     if scoring == "binary":
                         score[b][g][k][m] = 1.0 if c.status == "pass" else 0.0
                     else:
@@ -241,7 +239,7 @@ def scores_from_verdicts(verdicts: Sequence[Sequence[Sequence[TurnVerdict | None
                                 f"graded scoring needs a score in [0, 1] on every decided check; "
                                 f"session {v.session_id!r} turn {v.turn} {name} ({c.status}) has {s!r}")
                         score[b][g][k][m] = float(s)
-                success[b][g][k] = ok and not error[b][g][k]
+                success[b][g][k] = verdict_success(v)
         session_ids.append(sid)
 
     return TurnScores(
@@ -442,8 +440,8 @@ def per_turn_advantages(turn_scores: Tensor, scored: Tensor, valid: Tensor,
 # --------------------------------------------------------------------------- filters
 
 def verdict_success(v: TurnVerdict | None) -> bool:
-    """The success :func:`scores_from_verdicts` counts: every applicable check passes (a missing
-    verdict or a judge error is not a success)."""
+    """A turn's success, as :func:`scores_from_verdicts` and rollout branching count it: every
+    applicable check passes (a missing verdict or a judge error is not a success)."""
     if v is None:
         return False
     statuses = [getattr(v, m).status for m in REWARDS]

@@ -95,6 +95,12 @@ class RewardPipeline:
         self.calls += len(reqs)
         self.pending.append((where, self.pool.submit(self.judge.judge, reqs) if self.pool else reqs))
 
+    def _checked(self, where: list, got: list) -> list:
+        if len(got) != len(where):
+            raise RuntimeError(f"judge {getattr(self.judge, 'judge_id', '?')} returned {len(got)} verdicts "
+                               f"for {len(where)} requests")
+        return got
+
     def turn_success(self, k: int) -> list[list[bool]]:
         """[B][G]: whether trajectory g of session b passed every check of turn k, waiting for
         turn k's verdicts if they are still being judged (what rollout branching picks parents
@@ -110,10 +116,7 @@ class RewardPipeline:
                 done.set_result(self.judge.judge(res))
                 self.pending[i] = (where, done)
                 res = done
-            got = res.result()
-            if len(got) != len(where):
-                raise RuntimeError(f"judge {getattr(self.judge, 'judge_id', '?')} returned {len(got)} verdicts "
-                                   f"for {len(where)} requests")
+            got = self._checked(where, res.result())
             for (b, g, _), v in zip(where, got):
                 out[b][g] = verdict_success(v)
         return out
@@ -129,10 +132,7 @@ class RewardPipeline:
             self.pending = [(ws, r) for ws, r in self.pending if isinstance(r, Future)] + \
                 [(where, self.judge.judge([r for _, reqs in todo for r in reqs]))]
         for where, res in self.pending:
-            got = res.result() if isinstance(res, Future) else res
-            if len(got) != len(where):
-                raise RuntimeError(f"judge {getattr(self.judge, 'judge_id', '?')} returned {len(got)} verdicts "
-                                   f"for {len(where)} requests")
+            got = self._checked(where, res.result() if isinstance(res, Future) else res)
             for (b, g, k), v in zip(where, got):
                 out[b][g][k - 1] = v
         self.pending = []
