@@ -532,20 +532,40 @@ def bench(
     emit(summary)
 
 
+def _run_list(arg: str) -> list[Path]:
+    """One bench run folder, or several joined by commas (an existing folder whose name holds a comma is one run)."""
+    if Path(arg).exists() or "," not in arg:
+        return [Path(arg)]
+    parts = [a for a in arg.split(",") if a]
+    if not parts:
+        raise EditrlInputError(f"no run folder in {arg!r}")
+    return [Path(a) for a in parts]
+
+
 @bench_app.command("compare")
 def bench_compare(
-    dir_a: Path = typer.Argument(..., help="run A (the baseline)"),
-    dir_b: Path = typer.Argument(..., help="run B"),
+    dir_a: str = typer.Argument(..., help="run A (the baseline); several runs of the same sessions, e.g. one per training seed, as DIR1,DIR2,..."),
+    dir_b: str = typer.Argument(..., help="run B, or several as DIR1,DIR2,..."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="paired bootstrap resamples"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Per-turn differences B - A (success, success@k, IF, CC, O), and per task type (success, IF, CC), with paired bootstrap intervals over common sessions."""
+    """Per-turn differences B - A (success, success@k, IF, CC, O), and per task type (success, IF, CC), with paired bootstrap intervals over common sessions.
+
+    A side given as several runs pools them per session (the mean of their rates when no judge
+    failed); each resample draws a session in every run, so the interval covers the session draw
+    for these runs (more seeds per side average out training noise; they do not widen it)."""
     from .bench import compare_runs
 
     if bootstrap < 0:
         raise EditrlInputError(f"--bootstrap must be at least 0, got {bootstrap}")
-    res = compare_runs(dir_a, dir_b, n_boot=bootstrap, seed=seed)
-    table = Table(title=escape(f"B - A over {res['common_sessions']} common sessions (A: {res['editor_a']}, B: {res['editor_b']})"))
+    runs_a, runs_b = _run_list(dir_a), _run_list(dir_b)
+    res = compare_runs(runs_a, runs_b, n_boot=bootstrap, seed=seed)
+
+    def side(runs: list[Path], editor: Any) -> str:
+        return str(editor) if len(runs) == 1 else f"{len(runs)} runs"
+
+    table = Table(title=escape(f"B - A over {res['common_sessions']} common sessions "
+                               f"(A: {side(runs_a, res['editor_a'])}, B: {side(runs_b, res['editor_b'])})"))
     for col in ("turn", "metric", "A", "B", "B - A", "95% CI (paired)"):
         table.add_column(col, no_wrap=True)
     for r in res["per_turn"]:

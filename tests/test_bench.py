@@ -511,6 +511,21 @@ def test_compare_paired_differences(gt_run, fault_world, world, tmp_path, capsys
     assert "different judge settings" in se
     code, so, se = call(capsys, "bench", "compare", out_a, tmp_path / "nothing")
     assert_bad_input(code, so, se, "no results.json")
+    # several runs per side (e.g. training seeds), comma-separated: pooled per session
+    code, so, se = call(capsys, "bench", "compare", f"{gt},{older}", str(bad))
+    assert code == 0, se
+    pooled = last_json(so)
+    assert pooled["runs_a"] == [str(gt), str(older)] and pooled["runs_b"] == [str(bad)]
+    assert pooled["common_sessions"] == 30 and "2 runs" in se
+    assert pooled["judge_settings_differ"] == f'params.cu: {gt} "turn-input", {older} null'
+    for r, r1 in zip(pooled["per_turn"], res["per_turn"]):   # A's two runs agree, so pooling changes nothing
+        assert r["success_all"]["diff"] == pytest.approx(r1["success_all"]["diff"])
+    code, so, se = call(capsys, "bench", "compare", f"{gt},{gt}", str(bad))
+    assert_bad_input(code, so, se, "listed twice")
+    code, so, se = call(capsys, "bench", "compare", f"{gt},{tmp_path / 'nothing'}", str(bad))
+    assert_bad_input(code, so, se, "no results.json")
+    code, so, se = call(capsys, "bench", "compare", f"{gt},{out_a}", str(bad))
+    assert_bad_input(code, so, se, "different suites")
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -606,6 +621,32 @@ def test_paired_bootstrap_identical_is_zero_and_sees_a_difference():
     b.status[:, :, 0] = PASS                          # B always follows the instruction
     rows = paired_differences(a, b, n_boot=500)
     assert all(r["IF"]["diff"] > 0 and r["IF"]["ci95"][0] > 0 for r in rows)
+
+
+def test_paired_differences_pool_several_runs_per_side():
+    # two seeds of B on three sessions: the pooled rate is the seeds' mean; an error leaves its run's session out
+    a = _outcomes({"s1": ["FP--"], "s2": ["PP--"], "s3": ["FP--"]})
+    b1 = _outcomes({"s1": ["PP--"], "s2": ["PP--"], "s3": ["FP--"]})     # success 2/3
+    b2 = _outcomes({"s1": ["PP--"], "s2": ["EP--"], "s3": ["PP--"]})     # 2/2 decided
+    (row,) = paired_differences(a, [b1, b2], n_boot=0)
+    assert row["success"]["a"] == pytest.approx(1 / 3)
+    assert row["success"]["b"] == pytest.approx(4 / 5)                  # (2 + 2) / (3 + 2) decided
+    assert row["success"]["diff"] == pytest.approx(4 / 5 - 1 / 3)
+    assert row["IF"]["b"] == pytest.approx(4 / 5) and row["CC"]["b"] == 1.0
+    (row,) = paired_differences(a, [b1, b1], n_boot=0)
+    assert row["success"]["b"] == pytest.approx(2 / 3)
+    # copies of one run pool to that run: the same rates and the same interval
+    r = _random_outcomes(120, 5)
+    q = Outcomes(r.session_ids, r.status.copy(), r.exists, r.missing)
+    q.status[::3, :, 0] = PASS
+    assert paired_differences([r, r, r], [q, q], n_boot=300, seed=2) == paired_differences(r, q, n_boot=300, seed=2)
+    # a turn counts only where every run holds it
+    short = _outcomes({"s1": ["PP--"], "s2": ["PP--", "PP--"], "s3": ["PP--", "FP--"]})
+    long = _outcomes({"s1": ["PP--", "PP--"], "s2": ["PP--", "PP--"], "s3": ["PP--", "PP--"]})
+    rows = paired_differences([long], [long, short], n_boot=0)
+    assert rows[1]["n"] == 2 and rows[1]["success"]["b"] == pytest.approx(3 / 4)
+    with pytest.raises(ValueError, match="same sessions"):
+        paired_differences(a, [b1, long], n_boot=0)
 
 
 def test_per_task_metrics_hand_computed():

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -869,15 +869,33 @@ def _judge_identity(results: dict[str, Any]) -> dict[str, Any]:
     return {k: j.get(k) for k in ("id", "prompt_version", "params", "options")} if isinstance(j, dict) else {}
 
 
-def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Per turn, B − A for success, success@k, IF, CC and O over the sessions both runs hold
+RunDirs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def compare_runs(dir_a: RunDirs, dir_b: RunDirs, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per turn, B − A for success, success@k, IF, CC and O over the sessions both sides hold
     (matched by id), with paired bootstrap intervals; and per task type (`by_task`), B − A for
-    success, IF and CC over every turn of that type. The runs must share a suite."""
-    ra, rec_a = load_run(dir_a)
-    rb, rec_b = load_run(dir_b)
-    ka, kb = ra["settings"]["suite"]["key"], rb["settings"]["suite"]["key"]
-    if ka != kb:
-        raise EditrlInputError(f"the runs used different suites ({dir_a}: {ka}; {dir_b}: {kb})")
+    success, IF and CC over every turn of that type. The runs must share a suite.
+
+    A side may be several runs of the same sessions (e.g. one checkpoint per training seed): its
+    rates pool every run's verdicts of a session (`metrics.pooled_parts`; without judge errors, the
+    mean of the runs' rates), and each bootstrap resample draws a session in every run at once. The
+    interval then covers the session draw for these runs, not a new training seed."""
+    dirs_a = [dir_a] if isinstance(dir_a, (str, os.PathLike)) else list(dir_a)
+    dirs_b = [dir_b] if isinstance(dir_b, (str, os.PathLike)) else list(dir_b)
+    if not dirs_a or not dirs_b:
+        raise EditrlInputError("bench compare needs at least one run on each side")
+    for dirs in (dirs_a, dirs_b):
+        seen: dict[Path, Any] = {}
+        for d in dirs:
+            if Path(d).resolve() in seen:
+                raise EditrlInputError(f"run {d} is listed twice on one side (it would count twice)")
+            seen[Path(d).resolve()] = d
+    runs = [(side, d, *load_run(d)) for side, dirs in (("A", dirs_a), ("B", dirs_b)) for d in dirs]
+    suite = runs[0][2]["settings"]["suite"]["key"]
+    for _, d, res, _ in runs[1:]:
+        if res["settings"]["suite"]["key"] != suite:
+            raise EditrlInputError(f"the runs used different suites ({runs[0][1]}: {suite}; {d}: {res['settings']['suite']['key']})")
 
     def turns_of(records: dict) -> dict[str, int]:
         n: dict[str, int] = {}
@@ -885,25 +903,46 @@ def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike, n_boot: int
             n[sid] = max(n.get(sid, 0), k)
         return n
 
-    ta, tb = turns_of(rec_a), turns_of(rec_b)
-    common = sorted(set(ta) & set(tb))
+    turns = [turns_of(rec) for _, _, _, rec in runs]
+    common = sorted(set.intersection(*(set(t) for t in turns)))
     if not common:
-        raise EditrlInputError(f"the runs {dir_a} and {dir_b} have no session in common")
-    K = min(max(ta[s] for s in common), max(tb[s] for s in common))
-    oa = outcomes_from_records(common, [min(ta[s], K) for s in common], rec_a)
-    ob = outcomes_from_records(common, [min(tb[s], K) for s in common], rec_b)
-    ob.exists &= oa.exists  # a turn counts only where both runs have it
-    oa.exists &= ob.exists
-    rows = paired_differences(oa, ob, n_boot=n_boot, seed=seed)
-    label = {key: r.get("task_type") for key, r in rec_b.items()}
-    label.update({key: r["task_type"] for key, r in rec_a.items() if r.get("task_type")})
-    tasks = task_labels(common, [min(ta[s], K) for s in common], label)
+        raise EditrlInputError(f"the runs {', '.join(str(d) for _, d, _, _ in runs)} have no session in common")
+    K = min(max(t[s] for s in common) for t in turns)
+    outs = [outcomes_from_records(common, [min(t[s], K) for s in common], rec) for t, (_, _, _, rec) in zip(turns, runs)]
+    oa = [o for o, r in zip(outs, runs) if r[0] == "A"]
+    ob = [o for o, r in zip(outs, runs) if r[0] == "B"]
+    rows = paired_differences(oa, ob, n_boot=n_boot, seed=seed)  # a turn counts only where every run has it
+    label: dict = {}
+    for _, _, _, rec in reversed(runs):  # A's first run's labels win
+        label.update({key: r["task_type"] for key, r in rec.items() if r.get("task_type")})
+    tasks = task_labels(common, [K] * len(common), label)
     by_task = paired_task_differences(oa, ob, tasks, n_boot=n_boot, seed=seed)
-    ja, jb = _judge_identity(ra), _judge_identity(rb)
-    differs = None if ja == jb else _first_difference(ja, jb).replace(": was ", ": A ").replace(", now ", ", B ")
-    return {"a": str(dir_a), "b": str(dir_b), "suite": ka,
-            "editor_a": ra.get("editor"), "editor_b": rb.get("editor"),
-            "judge_a": ra.get("judge"), "judge_b": rb.get("judge"), "judge_settings_differ": differs,
-            "common_sessions": len(common), "only_a": len(set(ta) - set(tb)), "only_b": len(set(tb) - set(ta)),
+    differs = None
+    j0 = _judge_identity(runs[0][2])
+    for _, d, res, _ in runs[1:]:
+        j = _judge_identity(res)
+        if j != j0:
+            what = _first_difference(j0, j)
+            if len(runs) == 2:
+                differs = what.replace(": was ", ": A ").replace(", now ", ", B ")
+            else:
+                differs = what.replace(": was ", f": {runs[0][1]} ").replace(", now ", f", {d} ")
+            break
+
+    def joined(side: str, field: str) -> Any:
+        """The side's value of a results field, or its distinct values joined when the runs differ."""
+        vals = [res.get(field) for s, _, res, _ in runs if s == side]
+        distinct = list(dict.fromkeys(str(v) for v in vals))
+        return vals[0] if len(distinct) == 1 else ", ".join(distinct)
+
+    def only(side: str) -> int:
+        held = set().union(*(set(t) for t, r in zip(turns, runs) if r[0] == side))
+        return len(held - set(common))
+
+    return {"a": ",".join(map(str, dirs_a)), "b": ",".join(map(str, dirs_b)),
+            "runs_a": [str(d) for d in dirs_a], "runs_b": [str(d) for d in dirs_b], "suite": suite,
+            "editor_a": joined("A", "editor"), "editor_b": joined("B", "editor"),
+            "judge_a": joined("A", "judge"), "judge_b": joined("B", "judge"), "judge_settings_differ": differs,
+            "common_sessions": len(common), "only_a": only("A"), "only_b": only("B"),
             "metrics": list(COMPARED), "bootstrap": {"resamples": n_boot, "seed": seed, "paired": True},
             "per_turn": rows, "task_metrics": list(TASK_COMPARED), "by_task": by_task}

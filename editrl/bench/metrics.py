@@ -266,19 +266,18 @@ def per_task_metrics(o: Outcomes, tasks: np.ndarray, n_boot: int = 1000, seed: i
     return rows
 
 
-def paired_task_differences(a: Outcomes, b: Outcomes, tasks: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                            metrics: Iterable[str] = TASK_COMPARED) -> list[dict[str, Any]]:
-    """Per task type, B − A for each metric over the turns both runs hold, with a paired bootstrap
-    interval (the resamples draw sessions, as `paired_differences`)."""
-    if a.session_ids != b.session_ids or a.n_turns != b.n_turns:
-        raise ValueError("paired runs must hold the same sessions and turns")
+def paired_task_differences(a: Outcomes | Sequence[Outcomes], b: Outcomes | Sequence[Outcomes], tasks: np.ndarray,
+                            n_boot: int = 1000, seed: int = 0, metrics: Iterable[str] = TASK_COMPARED) -> list[dict[str, Any]]:
+    """Per task type, B − A for each metric over the turns every run holds, with a paired bootstrap
+    interval (the resamples draw sessions, as `paired_differences`; several runs per side pool)."""
+    a, b = _runs(a), _runs(b)
     metrics = list(metrics)
-    C = bootstrap_counts(len(a.session_ids), n_boot, seed) if n_boot > 0 and a.session_ids else None
-    both = a.exists & b.exists
+    C = bootstrap_counts(len(a[0].session_ids), n_boot, seed) if n_boot > 0 and a[0].session_ids else None
+    both = _held_by_all(a + b)
     rows = []
     for t in task_order(np.where(both, tasks, None)):
         mask = both & (tasks == t)
-        pa, pb = task_parts(a, mask), task_parts(b, mask)
+        pa, pb = (pooled_parts(side, lambda o: task_parts(o, mask)) for side in (a, b))
         ra, rb = rates(pa), rates(pb)
         ba, bb = (bootstrap_rates(pa, C), bootstrap_rates(pb, C)) if C is not None else (None, None)
         row: dict[str, Any] = {"task_type": t, "turns": int(mask.sum())}
@@ -294,28 +293,58 @@ def paired_task_differences(a: Outcomes, b: Outcomes, tasks: np.ndarray, n_boot:
 
 # ------------------------------------------------------------------------------ paired
 
-def paired_differences(a: Outcomes, b: Outcomes, n_boot: int = 1000, seed: int = 0,
-                       metrics: Iterable[str] = COMPARED) -> list[dict[str, Any]]:
+def _runs(x: Outcomes | Sequence[Outcomes]) -> list[Outcomes]:
+    return [x] if isinstance(x, Outcomes) else list(x)
+
+
+def _held_by_all(runs: Sequence[Outcomes]) -> np.ndarray:
+    """bool [N, K]: the turns every run holds. Raises unless the runs hold the same sessions and turns."""
+    first = runs[0]
+    if any(o.session_ids != first.session_ids or o.n_turns != first.n_turns for o in runs):
+        raise ValueError("paired runs must hold the same sessions and turns")
+    return np.logical_and.reduce([o.exists for o in runs])
+
+
+def pooled_parts(runs: Sequence[Outcomes], parts_of=ratio_parts) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (num, den) [N, K]: `parts_of` summed over runs of the same sessions (e.g. training
+    seeds), so a rate pools every run's verdicts of a session, and a bootstrap that draws a session
+    draws it in every run. Without judge errors the pooled rate is the mean of the runs' rates."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for o in runs:
+        for name, (num, den) in parts_of(o).items():
+            if name in out:
+                out[name] = (out[name][0] + num, out[name][1] + den)
+            else:
+                out[name] = (num, den)
+    return out
+
+
+def paired_differences(a: Outcomes | Sequence[Outcomes], b: Outcomes | Sequence[Outcomes], n_boot: int = 1000,
+                       seed: int = 0, metrics: Iterable[str] = COMPARED) -> list[dict[str, Any]]:
     """Per turn, B − A for each metric with a paired bootstrap interval.
 
-    `a` and `b` must hold the same sessions in the same order (see `Outcomes.subset`); each
-    resample draws sessions once and recomputes both runs' rates on the same draw.
+    Each side is one run or several runs of the same sessions (pooled by `pooled_parts`); all must
+    hold the same sessions in the same order (see `Outcomes.subset`), and only turns every run holds
+    count. Each resample draws sessions once and recomputes both sides' rates on the same draw.
     """
-    if a.session_ids != b.session_ids or a.n_turns != b.n_turns:
-        raise ValueError("paired runs must hold the same sessions and turns")
+    a, b = _runs(a), _runs(b)
+    both = _held_by_all(a + b)                                         # [N, K]
+    a = [Outcomes(o.session_ids, o.status, both, o.missing) for o in a]
+    b = [Outcomes(o.session_ids, o.status, both, o.missing) for o in b]
     metrics = list(metrics)
-    pa, pb = ratio_parts(a), ratio_parts(b)
+    pa, pb = pooled_parts(a), pooled_parts(b)
     ra, rb = rates(pa), rates(pb)
-    if n_boot > 0 and a.session_ids:
-        C = bootstrap_counts(len(a.session_ids), n_boot, seed)
+    N = len(a[0].session_ids)
+    if n_boot > 0 and N:
+        C = bootstrap_counts(N, n_boot, seed)
         ba, bb = bootstrap_rates(pa, C), bootstrap_rates(pb, C)
     rows = []
-    for k in range(a.n_turns):
-        row: dict[str, Any] = {"turn": k + 1, "n": int((a.exists[:, k] & b.exists[:, k]).sum())}
+    for k in range(a[0].n_turns):
+        row: dict[str, Any] = {"turn": k + 1, "n": int(both[:, k].sum())}
         for m in metrics:
             d = rb[m][k] - ra[m][k]
             ci = None
-            if n_boot > 0 and a.session_ids and not np.isnan(d):
+            if n_boot > 0 and N and not np.isnan(d):
                 ci = percentile_ci((bb[m][:, k] - ba[m][:, k])[:, None], np.array([d]))[0]
             row[m] = {"a": _val(ra[m][k]), "b": _val(rb[m][k]), "diff": _val(d), "ci95": ci}
         rows.append(row)
